@@ -1,0 +1,225 @@
+"""The scoreboard: one fixed-size slot per worker in a shared memory-mapped file.
+
+A worker writes only its own slot; the watchdog, ``status`` and the metrics
+read every slot.  Updates are plain stores into a shared mapping, so the
+request path makes no system call for them, and a reader in another process
+sees them at once.  Each slot is guarded by a sequence counter (a seqlock):
+the writer makes it odd while it writes, and a reader retries until it reads
+the same even value before and after, so a reader never sees half an update.
+
+A slot carries the writer's pid and its process start time as psutil reports
+it (``psutil.Process().create_time()``); a reader compares both with the
+live process, so a slot left behind by a killed worker is told apart from a
+live one even when its pid is reused.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+import threading
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+# seq, pid, started, requests, inflight, flags, req_start, req_id,
+# last_duration, method, uri
+_FORMAT = struct.Struct("<QqdQIIdQd16s168s")
+SLOT_SIZE = 256
+assert _FORMAT.size <= SLOT_SIZE
+
+READY = 1
+DRAINING = 2
+
+METHOD_MAX = 16
+URI_MAX = 168
+
+
+@dataclass(frozen=True)
+class SlotRecord:
+    """What one slot says about its worker."""
+    slot: int
+    pid: int
+    started: float          # process create time (epoch seconds, psutil's value)
+    requests: int           # requests completed in this worker life
+    inflight: int           # requests being served now
+    ready: bool             # the app is imported and the worker accepts
+    draining: bool          # a stop signal arrived; no new connections
+    req_start: float        # epoch start of the oldest in-flight request, 0 if none
+    req_id: int             # sequence number of that request in this life
+    last_duration: float    # seconds the last completed request took
+    method: str
+    uri: str
+
+    def request_age(self, now: float) -> float:
+        """Seconds the oldest in-flight request has been running (0 if none)."""
+        return max(0.0, now - self.req_start) if self.inflight and self.req_start else 0.0
+
+
+def _size(slots: int) -> int:
+    return slots * SLOT_SIZE
+
+
+def _open_map(path: str, slots: int, writable: bool) -> Optional[mmap.mmap]:
+    flags = os.O_RDWR | os.O_CREAT if writable else os.O_RDONLY
+    try:
+        fd = os.open(path, flags, 0o640)
+    except FileNotFoundError:
+        return None
+    try:
+        need = _size(slots)
+        if writable and os.fstat(fd).st_size < need:
+            # Every writer grows the file to the same size: idempotent, race-free.
+            os.ftruncate(fd, need)
+        if os.fstat(fd).st_size < need:
+            return None
+        access = mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ
+        return mmap.mmap(fd, need, access=access)
+    finally:
+        os.close(fd)
+
+
+def create(path: str, slots: int) -> None:
+    """Create the scoreboard file (or grow it) so that it holds ``slots`` slots."""
+    m = _open_map(path, slots, writable=True)
+    if m is not None:
+        m.close()
+
+
+class SlotWriter:
+    """The worker's handle on its own slot.  Thread-safe within one process."""
+
+    def __init__(self, path: str, slot: int, slots: int, pid: int, started: float,
+                 clock=time.time):
+        if not 0 <= slot < slots:
+            raise ValueError("slot %d outside 0..%d" % (slot, slots - 1))
+        mm = _open_map(path, slots, writable=True)
+        assert mm is not None
+        self._mm = mm
+        self._offset = slot * SLOT_SIZE
+        self._clock = clock
+        self._lock = threading.Lock()
+        # Continue the slot's sequence so a reader never sees it go back.
+        self._seq = _FORMAT.unpack_from(mm, self._offset)[0]
+        self._seq += self._seq % 2
+        self._pid = pid
+        self._started = started
+        self._requests = 0
+        self._flags = 0
+        self._last_duration = 0.0
+        self._next_id = 0
+        # In-flight requests by id: (start, method bytes, uri bytes).  The slot
+        # shows the oldest one, which is the one a watchdog cares about.
+        self._inflight: dict[int, tuple[float, bytes, bytes]] = {}
+        self._publish()
+
+    def _publish(self) -> None:
+        # Caller holds the lock (or is the constructor).
+        if self._inflight:
+            req_id = min(self._inflight)
+            req_start, method, uri = self._inflight[req_id]
+        else:
+            req_id, req_start, method, uri = 0, 0.0, b"", b""
+        mm, off = self._mm, self._offset
+        self._seq += 1
+        struct.pack_into("<Q", mm, off, self._seq)
+        _FORMAT.pack_into(mm, off, self._seq, self._pid, self._started, self._requests,
+                          len(self._inflight), self._flags, req_start, req_id,
+                          self._last_duration, method[:METHOD_MAX], uri[:URI_MAX])
+        self._seq += 1
+        struct.pack_into("<Q", mm, off, self._seq)
+
+    def set_ready(self, ready: bool = True) -> None:
+        with self._lock:
+            self._flags = (self._flags | READY) if ready else (self._flags & ~READY)
+            self._publish()
+
+    def set_draining(self) -> None:
+        with self._lock:
+            self._flags |= DRAINING
+            self._publish()
+
+    def begin(self, method: str, uri: str) -> int:
+        """Record a request's start; returns a token for :meth:`end`."""
+        now = self._clock()
+        with self._lock:
+            self._next_id += 1
+            token = self._next_id
+            self._inflight[token] = (now, method.encode("latin-1", "replace"),
+                                     uri.encode("latin-1", "replace"))
+            self._publish()
+        return token
+
+    def end(self, token: int) -> None:
+        now = self._clock()
+        with self._lock:
+            start = self._inflight.pop(token)[0]
+            self._requests += 1
+            self._last_duration = now - start
+            self._publish()
+
+    def clear(self) -> None:
+        """Mark the slot free (a worker exiting normally)."""
+        with self._lock:
+            self._pid, self._started, self._flags = 0, 0.0, 0
+            self._requests, self._inflight = 0, {}
+            self._publish()
+
+    def close(self) -> None:
+        self._mm.close()
+
+
+class Scoreboard:
+    """A reader of every slot."""
+
+    def __init__(self, path: str, slots: int):
+        self.path = path
+        self.slots = slots
+        self._mm: Optional[mmap.mmap] = None
+
+    def _map(self) -> Optional[mmap.mmap]:
+        if self._mm is None:
+            self._mm = _open_map(self.path, self.slots, writable=False)
+        return self._mm
+
+    def read(self, slot: int) -> Optional[SlotRecord]:
+        """The slot's record, or None if the slot is free or the file is missing."""
+        mm = self._map()
+        if mm is None:
+            return None
+        off = slot * SLOT_SIZE
+        for _ in range(1000):
+            fields = _FORMAT.unpack_from(mm, off)
+            seq = fields[0]
+            if seq % 2 == 0 and struct.unpack_from("<Q", mm, off)[0] == seq:
+                break
+            time.sleep(0)
+        else:  # pragma: no cover - a writer died mid-update: use what is there
+            pass
+        (_, pid, started, requests, inflight, flags, req_start, req_id,
+         last_duration, method, uri) = fields
+        if pid == 0:
+            return None
+        return SlotRecord(slot=slot, pid=pid, started=started, requests=requests,
+                          inflight=inflight, ready=bool(flags & READY),
+                          draining=bool(flags & DRAINING), req_start=req_start,
+                          req_id=req_id, last_duration=last_duration,
+                          method=method.rstrip(b"\0").decode("latin-1"),
+                          uri=uri.rstrip(b"\0").decode("latin-1"))
+
+    def read_all(self) -> list[Optional[SlotRecord]]:
+        return [self.read(i) for i in range(self.slots)]
+
+    def close(self) -> None:
+        if self._mm is not None:
+            self._mm.close()
+            self._mm = None
+
+
+def is_live(record: SlotRecord, pid: int, create_time: Optional[float]) -> bool:
+    """Whether ``record`` was written by the process ``pid`` started at ``create_time``.
+
+    ``create_time`` is psutil's value for that pid now (None if no such process).
+    """
+    return (create_time is not None and record.pid == pid
+            and abs(record.started - create_time) < 0.01)

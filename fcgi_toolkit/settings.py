@@ -1,0 +1,608 @@
+"""The deployment file: one registry of settings, typed once.
+
+Every key of ``deploy.toml`` is declared exactly once in :data:`REGISTRY`
+(section, name, converter, default, help).  That declaration drives
+validation (:func:`load`), the template context (:meth:`Deployment.context`)
+and the settings table in README.rst (``python -m fcgi_toolkit settings-table``).
+
+Values that end up inside generated configuration files are checked against
+allow-lists here, so that no user value can add a line, a directive or a
+section to supervisord.conf or nginx.conf.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Callable, Mapping
+
+from supervisor.datatypes import SuffixMultiplier, boolean, byte_size, octal_type
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """A bad deployment file: the message is one line naming file, key and value."""
+
+
+# --------------------------------------------------------------------------
+# Converters.  Each takes the raw TOML value and returns the typed value or
+# raises ValueError with a short reason; :func:`load` adds file/key/value.
+# --------------------------------------------------------------------------
+
+_seconds = SuffixMultiplier({"s": 1, "m": 60, "h": 3600, "d": 86400})
+
+# Characters allowed in any value copied into a generated file.  No quotes,
+# no whitespace, no ';', '{', '}', '$', '%', '#', '\\': nothing that can end a
+# directive, open a block or expand a variable in nginx or supervisor.
+_SAFE_PATH = re.compile(r"^[A-Za-z0-9_./@+~=,:-]+$")
+_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+_DOTTED = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+_ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_USER = re.compile(r"^[a-z_][a-z0-9_.-]*[$]?$|^[0-9]+$")
+_SERVER_NAME = re.compile(r"^[A-Za-z0-9_.*~^:-]+$")
+_URL_PREFIX = re.compile(r"^/([A-Za-z0-9_.~-]+/)*$")
+_HOST_PORT = re.compile(r"^(?:(?P<host>[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\]):)?(?P<port>[0-9]{1,5})$")
+
+
+def _expect(kind: type | tuple, value: Any, what: str) -> None:
+    # bool is an int in Python; TOML true must not pass as a count.
+    if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+        raise ValueError("expected %s" % what)
+    if not isinstance(value, kind):
+        raise ValueError("expected %s" % what)
+
+
+def name(value: Any) -> str:
+    _expect(str, value, "a string")
+    if not _NAME.match(value) or len(value) > 40:
+        raise ValueError("expected a name of [a-z][a-z0-9_]*, at most 40 characters")
+    return value
+
+
+def wsgi_ref(value: Any) -> str:
+    _expect(str, value, "a string")
+    module, sep, attr = value.partition(":")
+    if not sep:
+        raise ValueError("expected module:callable (no ':' found)")
+    if not _DOTTED.match(module) or not _DOTTED.match(attr):
+        raise ValueError("expected module:callable with dotted Python names")
+    return value
+
+
+def safe_path(value: Any) -> str:
+    _expect(str, value, "a path string")
+    if not _SAFE_PATH.match(value):
+        raise ValueError("a path may contain only letters, digits and _./@+~=,:-")
+    return value
+
+
+def optional_path(value: Any) -> str:
+    return "" if value == "" else safe_path(value)
+
+
+def positive_int(value: Any) -> int:
+    _expect(int, value, "an integer")
+    if value < 1:
+        raise ValueError("expected an integer >= 1")
+    return value
+
+
+def non_negative_int(value: Any) -> int:
+    _expect(int, value, "an integer")
+    if value < 0:
+        raise ValueError("expected an integer >= 0")
+    return value
+
+
+def seconds(value: Any) -> float:
+    """A duration: a number of seconds, or a string like "30s", "5m", "6h", "1d"."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration like 30s, 5m, 6h or a number of seconds")
+    if isinstance(value, (int, float)):
+        result = float(value)
+    elif isinstance(value, str):
+        try:
+            result = float(_seconds(value.strip()))
+        except ValueError:
+            raise ValueError("expected a duration like 30s, 5m, 6h or a number of seconds") from None
+    else:
+        raise ValueError("expected a duration like 30s, 5m, 6h or a number of seconds")
+    if result < 0:
+        raise ValueError("expected a duration >= 0")
+    return result
+
+
+def size(value: Any) -> int:
+    """A byte size: an integer, or a string like "256MB" (KB, MB, GB; 1024-based)."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size like 256MB")
+    if isinstance(value, int):
+        result = value
+    elif isinstance(value, str):
+        try:
+            result = int(byte_size(value.strip()))
+        except ValueError:
+            raise ValueError("expected a size like 512KB, 256MB or 2GB") from None
+    else:
+        raise ValueError("expected a size like 256MB")
+    if result < 0:
+        raise ValueError("expected a size >= 0")
+    return result
+
+
+def socket_mode(value: Any) -> int:
+    _expect(str, value, 'an octal string like "0660"')
+    try:
+        mode = octal_type(value)
+    except ValueError:
+        raise ValueError('expected an octal string like "0660"') from None
+    if mode & ~0o777:
+        raise ValueError("expected permission bits only (0000-0777)")
+    if mode & 0o002:
+        raise ValueError("a world-writable socket lets any local user talk to the app")
+    return mode
+
+
+def user(value: Any) -> str:
+    _expect(str, value, "a user name")
+    if value and not _USER.match(value):
+        raise ValueError("expected a user name or uid")
+    return value
+
+
+def user_group(value: Any) -> str:
+    _expect(str, value, 'a "user:group" string')
+    if not value:
+        return value
+    parts = value.split(":")
+    if len(parts) > 2 or not all(_USER.match(p) for p in parts):
+        raise ValueError('expected "user" or "user:group"')
+    return value
+
+
+def boolean_value(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        return boolean(value)
+    raise ValueError("expected true or false")
+
+
+def environment(value: Any) -> dict:
+    _expect(dict, value, "a table of NAME = \"value\"")
+    out = {}
+    for key, val in value.items():
+        if not _ENV_KEY.match(key):
+            raise ValueError("environment name %r is not [A-Za-z_][A-Za-z0-9_]*" % key)
+        if not isinstance(val, str):
+            raise ValueError("environment value of %s must be a string" % key)
+        if any(ord(c) < 32 or ord(c) == 127 for c in val):
+            raise ValueError("environment value of %s contains a control character" % key)
+        out[key] = val
+    return out
+
+
+def socket_address(value: Any) -> str:
+    """``unix:///absolute/path`` or ``tcp://host:port``; "" means the default unix socket."""
+    _expect(str, value, 'a socket like "unix:///run/app/fcgi.sock" or "tcp://127.0.0.1:9000"')
+    if value == "":
+        return value
+    if value.startswith("unix://"):
+        path = value[len("unix://"):]
+        if not path.startswith("/"):
+            raise ValueError("a unix socket path must be absolute (unix:///path)")
+        safe_path(path)
+        if len(path.encode()) > 100:
+            raise ValueError("a unix socket path must be at most 100 bytes")
+        return value
+    if value.startswith("tcp://"):
+        m = _HOST_PORT.match(value[len("tcp://"):])
+        if not m or not m.group("host") or not 0 < int(m.group("port")) < 65536:
+            raise ValueError("expected tcp://host:port")
+        return value
+    raise ValueError('expected "unix:///absolute/path" or "tcp://host:port"')
+
+
+def listen_address(value: Any) -> str:
+    """nginx ``listen``: "host:port", "[::1]:port" or "port"."""
+    _expect(str, value, 'an address like "127.0.0.1:8080"')
+    m = _HOST_PORT.match(value)
+    if not m or not 0 < int(m.group("port")) < 65536:
+        raise ValueError('expected "host:port", "[v6]:port" or "port"')
+    return value
+
+
+def optional_listen_address(value: Any) -> str:
+    return "" if value == "" else listen_address(value)
+
+
+def server_names(value: Any) -> str:
+    _expect(str, value, "a string of server names")
+    names = value.split(" ")
+    if not value or not all(_SERVER_NAME.match(n) for n in names):
+        raise ValueError("expected server names separated by single spaces")
+    return value
+
+
+def url_prefix(value: Any) -> str:
+    _expect(str, value, 'a URL prefix like "/" or "/wiki/"')
+    if not _URL_PREFIX.match(value):
+        raise ValueError('expected a URL prefix that starts and ends with "/", like "/wiki/"')
+    return value
+
+
+def static_map(value: Any) -> dict:
+    _expect(dict, value, 'a table of "/url/" = "directory/"')
+    out = {}
+    for prefix, directory in value.items():
+        try:
+            url_prefix(prefix)
+        except ValueError as exc:
+            raise ValueError("static key %r: %s" % (prefix, exc)) from None
+        if prefix == "/":
+            raise ValueError('static key "/" would hide the application')
+        try:
+            safe_path(directory)
+        except ValueError as exc:
+            raise ValueError("static directory %r: %s" % (directory, exc)) from None
+        out[prefix] = directory
+    return out
+
+
+def path_list(value: Any) -> list:
+    _expect(list, value, "a list of paths")
+    for item in value:
+        safe_path(item)
+    return list(value)
+
+
+def plain_text(value: Any) -> str:
+    """A credential or similar value: printable, no whitespace, quotes or '%'."""
+    _expect(str, value, "a string")
+    if any(ord(c) <= 32 or ord(c) == 127 or c in "\"'\\%;#" for c in value):
+        raise ValueError("expected printable text without whitespace, quotes, backslash, '%', ';' or '#'")
+    return value
+
+
+# --------------------------------------------------------------------------
+# The registry.
+# --------------------------------------------------------------------------
+
+REQUIRED = object()
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One key of the deployment file."""
+    section: str
+    name: str
+    convert: Callable[[Any], Any]
+    default: Any
+    help: str
+    example: Any = None
+
+    @property
+    def key(self) -> str:
+        return "%s.%s" % (self.section, self.name)
+
+
+REGISTRY: tuple[Setting, ...] = (
+    # [app]
+    Setting("app", "name", name, REQUIRED,
+            "Program and group name in supervisord: [a-z][a-z0-9_]*.", "wiki"),
+    Setting("app", "wsgi", wsgi_ref, REQUIRED,
+            "The WSGI application, as module:callable.", "wikiapp.wsgi:application"),
+    Setting("app", "directory", safe_path, ".",
+            "Workers chdir here and import from here; relative to the deployment file."),
+    Setting("app", "python", optional_path, "",
+            "Interpreter that runs the workers; empty means the one running fcgi-toolkit."),
+    Setting("app", "environment", environment, {},
+            "Extra environment for the workers, read by each worker at start."),
+    # [workers]
+    Setting("workers", "count", positive_int, 2,
+            "Workers serving at all times."),
+    Setting("workers", "standby", non_negative_int, 1,
+            "Extra slots used to start a replacement before its predecessor stops."),
+    Setting("workers", "threads", positive_int, 1,
+            "Requests one worker serves at once (flup thread pool size)."),
+    Setting("workers", "socket", socket_address, "",
+            'Shared socket: "unix:///abs/path" or "tcp://host:port"; empty: <runtime.dir>/<name>.sock.'),
+    Setting("workers", "socket_mode", socket_mode, "0660",
+            "Permission bits of a unix socket; world-writable is refused."),
+    Setting("workers", "socket_owner", user_group, "",
+            'Owner of a unix socket, "user" or "user:group"; empty: the supervisord user.'),
+    Setting("workers", "user", user, "",
+            "User the workers run as (supervisord must run as root); empty: unchanged."),
+    Setting("workers", "graceful_timeout", seconds, 30.0,
+            "Drain deadline: a stopping worker finishes its requests within it, then is killed."),
+    Setting("workers", "idle_timeout", seconds, 60.0,
+            "A FastCGI connection silent this long between records is closed."),
+    Setting("workers", "debug", boolean_value, False,
+            "Send tracebacks to clients in error pages (never in production)."),
+    # [limits]
+    Setting("limits", "max_rss", size, 0,
+            "Recycle a worker whose resident memory is above this (0: off).", "256MB"),
+    Setting("limits", "max_requests", non_negative_int, 0,
+            "Recycle a worker after this many requests (0: off).", 1000),
+    Setting("limits", "max_requests_jitter", non_negative_int, 0,
+            "Random extra requests, drawn once per worker life.", 100),
+    Setting("limits", "max_age", seconds, 0.0,
+            "Recycle a worker older than this (0: off); jittered by up to 10%.", "6h"),
+    Setting("limits", "request_timeout", seconds, 0.0,
+            "Kill and replace a worker whose request runs longer (0: off).", "60s"),
+    Setting("limits", "slow_request", seconds, 0.0,
+            "Dump the stacks of a worker whose request runs longer, once per request (0: off).", "10s"),
+    # [recycle]
+    Setting("recycle", "check_interval", seconds, 1.0,
+            "How often the watchdog samples every worker."),
+    Setting("recycle", "max_concurrent", positive_int, 1,
+            "Most workers of the group being replaced at once."),
+    Setting("recycle", "ready_timeout", seconds, 60.0,
+            "A replacement not ready within this is a failed start."),
+    Setting("recycle", "flap_window", seconds, 60.0,
+            "A worker breaking a limit within this of its start is flapping: back off."),
+    Setting("recycle", "watch", path_list, [],
+            "Files whose change triggers a rolling reload; relative to the deployment file."),
+    Setting("recycle", "debounce", seconds, 2.0,
+            "Quiet time after the last change of a watched file before reloading."),
+    # [nginx]
+    Setting("nginx", "listen", listen_address, "127.0.0.1:8080",
+            "nginx listen address of the generated server block."),
+    Setting("nginx", "server_name", server_names, "_",
+            "nginx server_name."),
+    Setting("nginx", "location", url_prefix, "/",
+            'URL prefix the app is mounted at ("/wiki/"); sets SCRIPT_NAME and PATH_INFO.'),
+    Setting("nginx", "static", static_map, {},
+            'Static locations served by nginx: { "/static/" = "static/" }, relative to the deployment file.'),
+    Setting("nginx", "managed", boolean_value, True,
+            "`fcgi-toolkit run` also runs nginx under supervisord."),
+    Setting("nginx", "keepalive", non_negative_int, 0,
+            "Idle FastCGI connections nginx keeps per worker process (0: a connection per request)."),
+    Setting("nginx", "connect_timeout", seconds, 5.0,
+            "fastcgi_connect_timeout."),
+    Setting("nginx", "read_timeout", seconds, 60.0,
+            "fastcgi_read_timeout / fastcgi_send_timeout."),
+    Setting("nginx", "client_max_body_size", size, 16 * 1024 * 1024,
+            "Largest request body nginx accepts."),
+    Setting("nginx", "binary", optional_path, "",
+            "nginx executable for a managed nginx; empty: found on PATH."),
+    # [runtime]
+    Setting("runtime", "dir", safe_path, "",
+            "Rendered configs, socket, pid files, scoreboard; empty: .fcgi-toolkit/<name>, relative to the deployment file."),
+    Setting("runtime", "log_dir", safe_path, "",
+            "Log directory; empty: <runtime.dir>/log."),
+    Setting("runtime", "templates", optional_path, "",
+            "Directory of templates overriding the built-in ones (same file names)."),
+    # [metrics]
+    Setting("metrics", "listen", optional_listen_address, "",
+            "Prometheus metrics address (loopback); empty: off."),
+    # [control]
+    Setting("control", "inet_port", optional_listen_address, "",
+            "supervisord TCP control port (needs username and password); empty: unix socket only."),
+    Setting("control", "username", plain_text, "",
+            "User name for the TCP control port."),
+    Setting("control", "password", plain_text, "",
+            "Password for the TCP control port."),
+)
+
+SECTIONS: tuple[str, ...] = tuple(dict.fromkeys(s.section for s in REGISTRY))
+_BY_KEY = {(s.section, s.name): s for s in REGISTRY}
+
+
+class Section(Mapping):
+    """Read-only view of one section's typed values with attribute access."""
+
+    def __init__(self, values: dict):
+        self._values = MappingProxyType(dict(values))
+
+    def __getattr__(self, item: str) -> Any:
+        try:
+            return self._values[item]
+        except KeyError:
+            raise AttributeError(item) from None
+
+    def __getitem__(self, item: str) -> Any:
+        return self._values[item]
+
+    def __iter__(self):
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """A validated deployment file with every path made absolute."""
+    path: str
+    sections: Mapping[str, Section] = field(repr=False)
+
+    def __getattr__(self, item: str) -> Section:
+        try:
+            return self.sections[item]
+        except KeyError:
+            raise AttributeError(item) from None
+
+    # Derived values -------------------------------------------------------
+    @property
+    def base_dir(self) -> str:
+        return os.path.dirname(self.path)
+
+    @property
+    def name(self) -> str:
+        return self.app.name
+
+    @property
+    def slots(self) -> int:
+        """Number of process slots: serving workers plus standby slots."""
+        return self.workers.count + self.workers.standby
+
+    def slot_names(self) -> list[str]:
+        return ["%s_%02d" % (self.name, i) for i in range(self.slots)]
+
+    @property
+    def runtime_dir(self) -> str:
+        return self.runtime.dir
+
+    @property
+    def log_dir(self) -> str:
+        return self.runtime.log_dir
+
+    @property
+    def scoreboard_path(self) -> str:
+        return os.path.join(self.runtime_dir, "scoreboard")
+
+    @property
+    def state_path(self) -> str:
+        return os.path.join(self.runtime_dir, "watchdog-state.json")
+
+    @property
+    def control_socket(self) -> str:
+        return os.path.join(self.runtime_dir, "supervisor.sock")
+
+    @property
+    def supervisord_conf(self) -> str:
+        return os.path.join(self.runtime_dir, "supervisord.conf")
+
+    @property
+    def socket_url(self) -> str:
+        return self.workers.socket
+
+    @property
+    def socket_is_unix(self) -> bool:
+        return self.workers.socket.startswith("unix://")
+
+    @property
+    def socket_path(self) -> str:
+        """Filesystem path of a unix socket ("" for TCP)."""
+        return self.workers.socket[len("unix://"):] if self.socket_is_unix else ""
+
+    @property
+    def python(self) -> str:
+        return self.app.python
+
+    def context(self) -> dict:
+        """The template context: every setting by section, plus derived values."""
+        ctx: dict[str, Any] = {section: self.sections[section] for section in SECTIONS}
+        ctx.update(
+            deploy_path=self.path,
+            base_dir=self.base_dir,
+            slots=self.slots,
+            slot_names=self.slot_names(),
+            runtime_dir=self.runtime_dir,
+            log_dir=self.log_dir,
+            scoreboard_path=self.scoreboard_path,
+            control_socket=self.control_socket,
+            supervisord_conf=self.supervisord_conf,
+            socket_url=self.socket_url,
+            socket_is_unix=self.socket_is_unix,
+            socket_path=self.socket_path,
+            python=self.python,
+        )
+        return ctx
+
+
+def _error(path: str, key: str, value: Any, reason: str) -> ConfigError:
+    return ConfigError("%s: %s = %r: %s" % (path, key, value, reason))
+
+
+def _resolve(base: str, value: str) -> str:
+    return value if os.path.isabs(value) else os.path.normpath(os.path.join(base, value))
+
+
+def parse(data: Mapping[str, Any], path: str) -> Deployment:
+    """Validate already-parsed TOML ``data`` read from ``path``."""
+    path = os.path.abspath(path)
+    base = os.path.dirname(path)
+    values: dict[str, dict[str, Any]] = {section: {} for section in SECTIONS}
+    for section, table in data.items():
+        if section not in values:
+            close = difflib.get_close_matches(section, SECTIONS, n=1)
+            hint = "; did you mean [%s]?" % close[0] if close else "; known sections: %s" % ", ".join(SECTIONS)
+            raise _error(path, section, table if not isinstance(table, dict) else "[%s]" % section,
+                         "unknown section" + hint)
+        if not isinstance(table, dict):
+            raise _error(path, section, table, "expected a [%s] table" % section)
+        for key, raw in table.items():
+            setting = _BY_KEY.get((section, key))
+            if setting is None:
+                names = [s.name for s in REGISTRY if s.section == section]
+                close = difflib.get_close_matches(key, names, n=1)
+                hint = "; did you mean %s.%s?" % (section, close[0]) if close else ""
+                raise _error(path, "%s.%s" % (section, key), raw, "unknown key" + hint)
+            try:
+                values[section][key] = setting.convert(raw)
+            except ValueError as exc:
+                raise _error(path, setting.key, raw, str(exc)) from None
+    for setting in REGISTRY:
+        if setting.name not in values[setting.section]:
+            if setting.default is REQUIRED:
+                raise _error(path, setting.key, "", "required key is missing")
+            default = setting.default
+            values[setting.section][setting.name] = (
+                type(default)(default) if isinstance(default, (dict, list)) else default)
+
+    # Derived defaults and paths made absolute.
+    app, workers, runtime, nginx, recycle = (values[s] for s in ("app", "workers", "runtime", "nginx", "recycle"))
+    app["directory"] = _resolve(base, app["directory"])
+    app["python"] = app["python"] or sys.executable
+    runtime["dir"] = _resolve(base, runtime["dir"] or os.path.join(".fcgi-toolkit", app["name"]))
+    runtime["log_dir"] = _resolve(base, runtime["log_dir"] or os.path.join(runtime["dir"], "log"))
+    if runtime["templates"]:
+        runtime["templates"] = _resolve(base, runtime["templates"])
+    nginx["static"] = {prefix: _resolve(base, d) for prefix, d in nginx["static"].items()}
+    recycle["watch"] = [_resolve(base, p) for p in recycle["watch"]]
+    if not workers["socket"]:
+        sock = os.path.join(runtime["dir"], app["name"] + ".sock")
+        try:
+            workers["socket"] = socket_address("unix://" + sock)
+        except ValueError as exc:
+            raise _error(path, "runtime.dir", runtime["dir"], "default socket %s: %s" % (sock, exc)) from None
+    for key, val in (("runtime.dir", runtime["dir"]), ("runtime.log_dir", runtime["log_dir"]),
+                     ("app.directory", app["directory"])):
+        try:
+            safe_path(val)
+        except ValueError as exc:
+            raise _error(path, key, val, "resolves to an unusable path: %s" % exc) from None
+
+    control = values["control"]
+    if control["inet_port"] and not (control["username"] and control["password"]):
+        raise _error(path, "control.inet_port", control["inet_port"],
+                     "a TCP control port needs control.username and control.password")
+    limits = values["limits"]
+    if limits["max_requests_jitter"] and not limits["max_requests"]:
+        raise _error(path, "limits.max_requests_jitter", limits["max_requests_jitter"],
+                     "needs limits.max_requests")
+    return Deployment(path=path, sections=MappingProxyType(
+        {section: Section(vals) for section, vals in values.items()}))
+
+
+def load(path: str) -> Deployment:
+    """Read and validate a deployment file; raise ConfigError with a one-line message."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError("%s: no such file" % path) from None
+    except OSError as exc:
+        raise ConfigError("%s: cannot read: %s" % (path, exc.strerror)) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("%s: not valid TOML: %s" % (path, exc)) from None
+    return parse(data, path)
+
+
+def settings_table() -> str:
+    """The README's settings table (reStructuredText list-table), from the registry."""
+    lines = [".. list-table::", "   :header-rows: 1", "   :widths: 25 20 55", "",
+             "   * - Key", "     - Default", "     - Meaning"]
+    for s in REGISTRY:
+        default = "(required)" if s.default is REQUIRED else repr(s.default)
+        lines += ["   * - ``%s``" % s.key, "     - ``%s``" % default, "     - %s" % s.help]
+    return "\n".join(lines) + "\n"
