@@ -1,0 +1,110 @@
+"""Tier 1: the scoreboard with real files, no processes except one writer child."""
+import multiprocessing
+import os
+import threading
+
+import psutil
+import pytest
+
+from fcgi_toolkit import scoreboard
+
+
+def _writer(path, slot, slots, ready, go):
+    w = scoreboard.SlotWriter(path, slot, slots, os.getpid(), psutil.Process().create_time())
+    w.set_ready()
+    token = w.begin("POST", "/upload?x=1")
+    ready.set()
+    go.wait(10)
+    w.end(token)
+
+
+def test_reader_in_another_process_sees_updates_at_once(tmp_path):
+    path = str(tmp_path / "sb")
+    ctx = multiprocessing.get_context("fork")
+    ready, go = ctx.Event(), ctx.Event()
+    child = ctx.Process(target=_writer, args=(path, 2, 4, ready, go))
+    child.start()
+    try:
+        assert ready.wait(10)
+        board = scoreboard.Scoreboard(path, 4)
+        rec = board.read(2)
+        assert rec is not None and rec.pid == child.pid
+        assert rec.ready and rec.inflight == 1 and rec.requests == 0
+        assert (rec.method, rec.uri) == ("POST", "/upload?x=1")
+        assert rec.req_start > 0
+        assert board.read(0) is None and board.read(3) is None
+        go.set()
+        child.join(10)
+        rec = board.read(2)
+        assert rec.requests == 1 and rec.inflight == 0 and rec.req_start == 0
+    finally:
+        go.set()
+        child.join(10)
+
+
+def test_slot_of_dead_process_is_not_live(tmp_path):
+    path = str(tmp_path / "sb")
+    me = psutil.Process()
+    w = scoreboard.SlotWriter(path, 0, 1, me.pid, me.create_time())
+    rec = scoreboard.Scoreboard(path, 1).read(0)
+    assert scoreboard.is_live(rec, me.pid, me.create_time())
+    # Same pid, other start time: a reused pid.
+    assert not scoreboard.is_live(rec, me.pid, me.create_time() + 5)
+    # No such process.
+    assert not scoreboard.is_live(rec, me.pid, None)
+    w.clear()
+    assert scoreboard.Scoreboard(path, 1).read(0) is None
+
+
+def test_oldest_inflight_request_is_shown_and_uri_truncated(tmp_path):
+    path = str(tmp_path / "sb")
+    now = [100.0]
+    w = scoreboard.SlotWriter(path, 0, 1, 1, 1.0, clock=lambda: now[0])
+    first = w.begin("GET", "/a" * 200)
+    now[0] = 105.0
+    second = w.begin("PUT", "/b")
+    board = scoreboard.Scoreboard(path, 1)
+    rec = board.read(0)
+    assert rec.inflight == 2 and rec.req_start == 100.0 and rec.method == "GET"
+    assert len(rec.uri) == scoreboard.URI_MAX
+    assert rec.request_age(110.0) == 10.0
+    w.end(first)
+    rec = board.read(0)
+    assert rec.inflight == 1 and rec.method == "PUT" and rec.req_start == 105.0
+    assert rec.last_duration == 5.0
+    w.end(second)
+    assert board.read(0).requests == 2
+
+
+def test_concurrent_writes_are_never_torn(tmp_path):
+    path = str(tmp_path / "sb")
+    w = scoreboard.SlotWriter(path, 0, 1, 1, 1.0)
+    stop = threading.Event()
+
+    def churn():
+        while not stop.is_set():
+            w.end(w.begin("GET", "/x"))
+
+    threads = [threading.Thread(target=churn) for _ in range(3)]
+    for t in threads:
+        t.start()
+    board = scoreboard.Scoreboard(path, 1)
+    try:
+        for _ in range(3000):
+            rec = board.read(0)
+            # In-flight bookkeeping must be consistent within one read.
+            assert (rec.inflight == 0) == (rec.req_start == 0.0)
+            assert rec.inflight <= 3
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+
+
+def test_missing_file_reads_as_empty(tmp_path):
+    assert scoreboard.Scoreboard(str(tmp_path / "none"), 3).read_all() == [None, None, None]
+
+
+def test_slot_out_of_range(tmp_path):
+    with pytest.raises(ValueError):
+        scoreboard.SlotWriter(str(tmp_path / "sb"), 3, 3, 1, 1.0)
