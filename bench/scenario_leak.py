@@ -1,0 +1,81 @@
+"""Scenario 4: leak capping.
+
+The ``leak`` app keeps some memory on every request, sized from the
+measured request rate so that each worker grows by about ``GROWTH`` bytes a
+second.  Under continuous load, each contender caps it: ours with
+``limits.max_rss``, the baseline with superlance's memmon (TICK_5) on plain
+supervisord, uWSGI with ``--reload-on-rss``.  The RSS of every worker is
+sampled four times a second (plotted over time); reported are failed
+requests, requests/s (ratio against memmon), the highest RSS seen and the
+share of samples above the limit.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+from bench.contenders import Spec
+from bench.scenario import Context, Result, Sampler, add_ratios, rss_of
+from bench.scenario_recycle import calibrate, measure
+
+log = logging.getLogger("bench")
+
+NAME = "leak"
+TITLE = "Leak capping"
+BASELINE = "memmon"
+APP = "bench.apps:leak"
+MB = 1024 * 1024
+MAX_RSS = 80 * MB
+GROWTH = 12 * MB       # bytes per second per worker under the bench load
+
+COLUMNS = [("contender", "contender", "s"), ("failed", "failed", "d"), ("requests", "requests", "d"),
+           ("rps", "req/s", ".0f"), ("ratio", "ratio vs memmon", ".3f"),
+           ("max_rss_mb", "max RSS MB", ".0f"), ("over_pct", "% samples over limit", ".1f"),
+           ("replacements", "replacements", "d")]
+
+
+def run(ctx: Context) -> Result:
+    result = Result(NAME, TITLE, BASELINE, COLUMNS)
+    duration = 8.0 if ctx.smoke else max(ctx.duration * 5, 25.0)
+    per_worker = calibrate(ctx)
+    leak = max(1024, int(GROWTH / per_worker))
+    env = (("BENCH_LEAK_BYTES", str(leak)),)
+    result.notes.append("limit %d MB; the app keeps %d bytes per request (~%d MB/s per worker at "
+                        "%.0f req/s per worker)" % (MAX_RSS // MB, leak, GROWTH // MB, per_worker))
+    plan = [(BASELINE, "flup", Spec(app=APP, workers=ctx.workers, max_rss=MAX_RSS, env=env)),
+            ("ours max_rss", "ours", Spec(app=APP, workers=ctx.workers, max_rss=MAX_RSS, env=env)),
+            ("uwsgi --reload-on-rss", "uwsgi", Spec(app=APP, workers=ctx.workers, max_rss=MAX_RSS, env=env))]
+    for label, kind, spec in plan:
+        why = ctx.can_run(kind, spec)
+        if why:
+            result.skipped[label] = why
+            continue
+        try:
+            stack = ctx.session.start(kind, spec, label=label, access_log=True)
+        except Exception as exc:
+            log.exception("%s did not start", label)
+            result.skipped[label] = "did not start: %s" % exc
+            continue
+        try:
+            with Sampler(lambda: rss_of(stack.contender.worker_pids()), 0.25) as rss:
+                m = measure(ctx, stack, duration)
+        finally:
+            ctx.session.stop(stack)
+        r, start = m["result"], m["start"]
+        values = [v for _, sample in rss.samples for v in sample.values()]
+        over = sum(1 for v in values if v > MAX_RSS)
+        # One line per worker pid: [[seconds since start, MB], ...]
+        per_pid: dict = {}
+        for t, sample in rss.samples:
+            for pid, v in sample.items():
+                per_pid.setdefault(str(pid), []).append([round(t - start, 2), round(v / MB, 1)])
+        row = {"contender": label, "failed": r.failed, "requests": r.requests, "rps": r.rps,
+               "max_rss_mb": max(values) / MB if values else None,
+               "over_pct": 100.0 * over / len(values) if values else None,
+               "replacements": m["replacements"], "wrk": r.as_dict()}
+        log.info("%s: %d failed, max RSS %s MB, %s%% over", label, r.failed,
+                 row["max_rss_mb"], row["over_pct"])
+        result.rows.append(row)
+        result.series[label] = {"rss_mb": per_pid, "limit_mb": MAX_RSS / MB}
+    add_ratios(result.rows, BASELINE, "rps")
+    return result

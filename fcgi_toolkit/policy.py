@@ -1,0 +1,349 @@
+"""Watchdog decisions: pure functions from a snapshot and the clock to actions.
+
+Nothing here samples, signals or sleeps.  :mod:`fcgi_toolkit.sampler` builds
+the :class:`Snapshot`, :mod:`fcgi_toolkit.coordinator` carries out the
+actions.  All sizes are integer bytes, all times epoch seconds or seconds.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional, Union
+
+from supervisor.states import ProcessStates
+
+from fcgi_toolkit.scoreboard import SlotRecord
+
+#: States in which a slot counts as serving or about to serve.
+ACTIVE_STATES = (ProcessStates.STARTING, ProcessStates.RUNNING, ProcessStates.BACKOFF)
+#: States in which a slot may be started (a standby slot).
+STARTABLE_STATES = (ProcessStates.STOPPED, ProcessStates.EXITED, ProcessStates.FATAL)
+#: Limits whose early breach marks a worker as flapping.  A request count
+#: reached quickly only means load, so it never counts as flapping.
+FLAP_KINDS = ("rss", "age")
+
+BACKOFF_BASE = 2.0
+BACKOFF_MAX = 600.0
+
+
+# --------------------------------------------------------------------------
+# Inputs
+# --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Limits:
+    """The settings the policy needs, copied out of a Deployment."""
+    count: int
+    standby: int
+    max_rss: int = 0
+    max_requests: int = 0
+    max_requests_jitter: int = 0
+    max_age: float = 0.0
+    request_timeout: float = 0.0
+    slow_request: float = 0.0
+    max_concurrent: int = 1
+    flap_window: float = 60.0
+
+    @classmethod
+    def from_deployment(cls, dep: Any) -> "Limits":
+        return cls(count=dep.workers.count, standby=dep.workers.standby,
+                   max_rss=dep.limits.max_rss, max_requests=dep.limits.max_requests,
+                   max_requests_jitter=dep.limits.max_requests_jitter,
+                   max_age=dep.limits.max_age, request_timeout=dep.limits.request_timeout,
+                   slow_request=dep.limits.slow_request,
+                   max_concurrent=dep.recycle.max_concurrent,
+                   flap_window=dep.recycle.flap_window)
+
+
+@dataclass(frozen=True)
+class SlotSnapshot:
+    """One slot as the watchdog saw it at one moment.
+
+    ``record`` is the scoreboard record, present only when it was written by
+    this very process (pid and create time match).  ``max_requests`` and
+    ``max_age`` are the limits drawn for this worker life (jitter included;
+    0 means off).
+    """
+    name: str
+    index: int
+    state: int
+    pid: int = 0
+    create_time: Optional[float] = None
+    rss: int = 0
+    record: Optional[SlotRecord] = None
+    age: float = 0.0
+    max_requests: int = 0
+    max_age: float = 0.0
+    description: str = ""
+
+    @property
+    def statename(self) -> str:
+        return _STATE_NAMES.get(self.state, str(self.state))
+
+    @property
+    def active(self) -> bool:
+        return self.state in ACTIVE_STATES
+
+    @property
+    def startable(self) -> bool:
+        return self.state in STARTABLE_STATES
+
+    @property
+    def ready(self) -> bool:
+        """RUNNING, and its own scoreboard slot says it accepts requests."""
+        return (self.state == ProcessStates.RUNNING and self.record is not None
+                and self.record.ready and not self.record.draining)
+
+    @property
+    def requests(self) -> int:
+        return self.record.requests if self.record else 0
+
+    @property
+    def inflight(self) -> int:
+        return self.record.inflight if self.record else 0
+
+    def request_age(self, now: float) -> float:
+        return self.record.request_age(now) if self.record else 0.0
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    time: float
+    slots: tuple[SlotSnapshot, ...]
+
+    def get(self, name: str) -> Optional[SlotSnapshot]:
+        for slot in self.slots:
+            if slot.name == name:
+                return slot
+        return None
+
+    def ready_count(self) -> int:
+        return sum(1 for s in self.slots if s.ready)
+
+    def active_count(self) -> int:
+        return sum(1 for s in self.slots if s.active)
+
+
+@dataclass(frozen=True)
+class Memory:
+    """What the coordinator remembers between passes, as the policy needs it."""
+    busy: frozenset = frozenset()            # slots in a recycle (offenders and replacements)
+    operations: int = 0                      # recycles in progress (the concurrency guard)
+    backoff_until: Mapping[str, float] = field(default_factory=dict)
+    first_breach: Mapping[int, float] = field(default_factory=dict)   # pid -> when first over a limit
+    dumped: Mapping[str, tuple] = field(default_factory=dict)        # slot -> (pid, req_id) dumped
+    killed: frozenset = frozenset()          # pids already sent SIGKILL
+
+
+# --------------------------------------------------------------------------
+# Actions
+# --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Recycle:
+    """Replace ``slot``'s worker gracefully (capacity held)."""
+    slot: str
+    pid: int
+    reason: str
+    kind: str
+    severity: float
+    flapping: bool = False
+
+
+@dataclass(frozen=True)
+class Hold:
+    """``slot`` broke a limit early in its life and its slot is in backoff: leave it serving."""
+    slot: str
+    pid: int
+    reason: str
+    kind: str
+    backoff_until: float
+
+
+@dataclass(frozen=True)
+class Kill:
+    """SIGKILL ``slot``'s worker: a request ran past request_timeout."""
+    slot: str
+    pid: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class DumpStacks:
+    """SIGUSR1 ``slot``'s worker once for request ``req_id``."""
+    slot: str
+    pid: int
+    req_id: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Start:
+    slot: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Stop:
+    slot: str
+    reason: str
+
+
+Action = Union[Recycle, Hold, Kill, DumpStacks, Start, Stop]
+
+
+# --------------------------------------------------------------------------
+# Formatting
+# --------------------------------------------------------------------------
+
+def format_size(n: int) -> str:
+    """Bytes as "301MB" (1024-based); one decimal when whole MB would hide a difference."""
+    mb = n / (1024 * 1024)
+    if mb >= 1:
+        return "%dMB" % mb if mb == int(mb) or mb >= 100 else "%.1fMB" % mb
+    return "%dKB" % (n // 1024)
+
+
+def format_duration(seconds: float) -> str:
+    """Seconds as "45s", "3m05s", "6h", "6h02m"."""
+    s = int(seconds)
+    if s < 60:
+        return "%ds" % s
+    if s < 3600:
+        m, s = divmod(s, 60)
+        return "%dm%02ds" % (m, s) if s else "%dm" % m
+    h, rest = divmod(s, 3600)
+    m = rest // 60
+    return "%dh%02dm" % (h, m) if m else "%dh" % h
+
+
+def backoff_delay(level: int) -> float:
+    """Exponential backoff: 2 s, 4 s, 8 s ... capped at 10 minutes."""
+    if level <= 0:
+        return 0.0
+    return min(BACKOFF_MAX, BACKOFF_BASE * 2 ** min(level - 1, 30))
+
+
+# --------------------------------------------------------------------------
+# Decisions
+# --------------------------------------------------------------------------
+
+def breaches(slot: SlotSnapshot, limits: Limits) -> list[tuple[float, str, str]]:
+    """Recycle limits ``slot`` is over: (severity, kind, reason), worst first.
+
+    Severity is how far over the limit the worker is (1.0 = at the limit).
+    """
+    out = []
+    if limits.max_rss and slot.rss > limits.max_rss:
+        out.append((slot.rss / limits.max_rss, "rss",
+                    "rss %s > %s" % (format_size(slot.rss), format_size(limits.max_rss))))
+    if slot.max_requests and slot.record is not None and slot.requests >= slot.max_requests:
+        out.append((slot.requests / slot.max_requests, "requests",
+                    "requests %d >= %d" % (slot.requests, slot.max_requests)))
+    if slot.max_age and slot.age >= slot.max_age:
+        out.append((slot.age / slot.max_age, "age",
+                    "age %s >= %s" % (format_duration(slot.age), format_duration(slot.max_age))))
+    out.sort(key=lambda b: -b[0])
+    return out
+
+
+def _watched(slot: SlotSnapshot) -> bool:
+    # Only a worker whose scoreboard record is its own is judged.
+    return slot.pid > 0 and slot.record is not None and slot.state in (
+        ProcessStates.RUNNING, ProcessStates.STOPPING)
+
+
+def decide(snapshot: Snapshot, now: float, limits: Limits, memory: Memory) -> list[Action]:
+    """The watchdog's actions for this pass.
+
+    At most one action per worker.  Kills come first (a stuck request wastes a
+    worker whatever else happens), then recycles worst offender first within
+    the concurrency guard, then holds, then stack dumps.  The guard: at most
+    ``max_concurrent`` recycles at once; with standby slots each recycle needs
+    a startable standby slot that is not backing off; without standby a
+    recycle stops a worker first, so at least one other worker must stay ready.
+    """
+    acted: set[str] = set()
+    kills: list[Action] = []
+    candidates: list[Recycle] = []
+    holds: list[Action] = []
+    for slot in snapshot.slots:
+        if not _watched(slot):
+            continue
+        running_for = slot.request_age(now)
+        if (limits.request_timeout and running_for >= limits.request_timeout
+                and slot.pid not in memory.killed):
+            kills.append(Kill(slot.name, slot.pid, "request_timeout %s %s running %s" % (
+                slot.record.method, slot.record.uri, format_duration(running_for))))
+            acted.add(slot.name)
+            continue
+        if (slot.state != ProcessStates.RUNNING or slot.name in memory.busy
+                or slot.record.draining):
+            continue
+        found = breaches(slot, limits)
+        if not found:
+            continue
+        severity, kind, reason = found[0]
+        breached_at = memory.first_breach.get(slot.pid, now)
+        age_at_breach = slot.age - (now - breached_at)
+        flapping = kind in FLAP_KINDS and age_at_breach < limits.flap_window
+        until = memory.backoff_until.get(slot.name, 0.0)
+        if flapping and now < until:
+            holds.append(Hold(slot.name, slot.pid, reason, kind, until))
+            acted.add(slot.name)
+            continue
+        candidates.append(Recycle(slot.name, slot.pid, reason, kind, severity, flapping))
+
+    room = limits.max_concurrent - memory.operations
+    if limits.standby > 0:
+        free = [s for s in snapshot.slots if s.startable and s.name not in memory.busy
+                and memory.backoff_until.get(s.name, 0.0) <= now]
+        room = min(room, len(free))
+    else:
+        ready_others = sum(1 for s in snapshot.slots if s.ready and s.name not in memory.busy)
+        room = min(room, ready_others - 1)
+    candidates.sort(key=lambda r: (-r.severity, r.slot))
+    recycles: list[Action] = list(candidates[:max(0, room)])
+    acted.update(r.slot for r in recycles)
+
+    dumps: list[Action] = []
+    if limits.slow_request:
+        for slot in snapshot.slots:
+            if slot.name in acted or not _watched(slot):
+                continue
+            running_for = slot.request_age(now)
+            if (running_for >= limits.slow_request
+                    and memory.dumped.get(slot.name) != (slot.pid, slot.record.req_id)):
+                dumps.append(DumpStacks(slot.name, slot.pid, slot.record.req_id,
+                                        "slow_request %s %s running %s" % (
+                                            slot.record.method, slot.record.uri,
+                                            format_duration(running_for))))
+    return kills + recycles + holds + dumps
+
+
+def reconcile(snapshot: Snapshot, now: float, limits: Limits, memory: Memory) -> list[Action]:
+    """Start or stop slots so that exactly ``count`` are active.
+
+    Nothing is done while a recycle is in progress (it owns the extra slot).
+    Starts take the lowest-numbered startable slots not backing off; a
+    STOPPING slot is never started.  Stops take the highest-numbered active
+    slots and are graceful.
+    """
+    if memory.operations:
+        return []
+    active = [s for s in snapshot.slots if s.active]
+    missing = limits.count - len(active)
+    if missing > 0:
+        free = [s for s in sorted(snapshot.slots, key=lambda s: s.index)
+                if s.startable and s.name not in memory.busy
+                and memory.backoff_until.get(s.name, 0.0) <= now]
+        return [Start(s.name, "%d of %d workers active" % (len(active), limits.count))
+                for s in free[:missing]]
+    if missing < 0:
+        extra = sorted(active, key=lambda s: -s.index)[:-missing]
+        return [Stop(s.name, "%d of %d workers active" % (len(active), limits.count))
+                for s in extra]
+    return []
+
+
+_STATE_NAMES = {code: name for name, code in vars(ProcessStates).items()
+                if not name.startswith("_")}

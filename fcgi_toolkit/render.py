@@ -1,0 +1,235 @@
+"""The renderer: deployment -> supervisord.conf, nginx.conf, nginx-site.conf.
+
+Command ``render -c deploy.toml [-o DIR]``.  Rendering is all or nothing:
+every file is rendered in memory first, then each is written to a temporary
+file in DIR and moved into place with ``os.replace``; on any error no file
+is written.
+
+Templates are jinja2 with StrictUndefined (a missing variable is an error,
+never an empty string).  They are looked up in ``runtime.templates`` first
+(user overrides, same file names), then in the built-in templates: the
+installed package ``fcgi_toolkit.templates`` or, in a checkout, the
+repository's ``templates/`` directory.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import pwd
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from typing import Mapping, Optional
+
+from fcgi_toolkit import settings
+from fcgi_toolkit.settings import ConfigError, Deployment
+
+#: Rendered file name -> template name.
+FILES: Mapping[str, str] = {
+    "supervisord.conf": "supervisord.conf.j2",
+    "nginx.conf": "nginx.conf.j2",
+    "nginx-site.conf": "nginx-site.conf.j2",
+}
+
+#: Where a distribution keeps nginx's MIME map; the standalone nginx.conf
+#: includes it when present and ships a small map otherwise.
+SYSTEM_MIME_TYPES = "/etc/nginx/mime.types"
+
+# nginx is often in sbin, which is not on a normal user's PATH.
+_NGINX_SEARCH = ("/usr/sbin", "/usr/local/sbin", "/sbin", "/usr/local/nginx/sbin")
+
+
+@dataclass(frozen=True)
+class Host:
+    """Facts about the machine that the rendered files depend on.
+
+    Gathered once by :func:`Host.probe`; tests pass their own.
+    """
+    euid: int
+    user: str
+    nginx_binary: str
+    mime_types: str
+
+    @classmethod
+    def probe(cls, dep: Optional[Deployment] = None) -> "Host":
+        configured = dep.nginx.binary if dep else ""
+        euid = os.geteuid()
+        try:
+            user = pwd.getpwuid(euid).pw_name
+        except KeyError:  # a uid without a passwd entry (containers)
+            user = "root" if euid == 0 else str(euid)
+        return cls(euid=euid, user=user,
+                   nginx_binary=find_nginx(configured) or configured or "nginx",
+                   mime_types=SYSTEM_MIME_TYPES if os.path.isfile(SYSTEM_MIME_TYPES) else "")
+
+
+def find_nginx(configured: str = "") -> str:
+    """The nginx executable (``configured``, else "nginx") on PATH or in the sbin dirs; "" if none."""
+    path = os.environ.get("PATH", os.defpath) + os.pathsep + os.pathsep.join(_NGINX_SEARCH)
+    return shutil.which(configured or "nginx", path=path) or ""
+
+
+def builtin_template_dir() -> str:
+    """Directory of the built-in templates (installed package or checkout)."""
+    try:
+        from importlib import resources
+        root = resources.files("fcgi_toolkit.templates")
+        candidate = str(root)
+        if os.path.isfile(os.path.join(candidate, "supervisord.conf.j2")):
+            return candidate
+    except (ImportError, ModuleNotFoundError, TypeError):
+        pass
+    checkout = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "templates")
+    return checkout
+
+
+def environment(user_dir: str = "") -> "jinja2.Environment":
+    """The jinja2 environment: ``user_dir`` overrides, then the built-in templates."""
+    import jinja2
+
+    search = ([user_dir] if user_dir else []) + [builtin_template_dir()]
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(search),
+        undefined=jinja2.StrictUndefined,
+        autoescape=False,
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+
+
+def nginx_duration(seconds: float) -> str:
+    """A duration in nginx syntax, rounded up to whole milliseconds."""
+    ms = int(math.ceil(seconds * 1000))
+    return "%ds" % (ms // 1000) if ms % 1000 == 0 else "%dms" % ms
+
+
+def _pcre_literal(text: str) -> str:
+    # url_prefix admits only [A-Za-z0-9_.~/-]; of those only '.' is special.
+    return re.sub(r"([.])", r"\\\1", text)
+
+
+def _inet_port(value: str) -> str:
+    # supervisor binds a bare port on every interface; keep it on loopback.
+    return value if ":" in value else "127.0.0.1:" + value
+
+
+def context(dep: Deployment, host: Host, conf_dir: str) -> dict:
+    """The template context: the deployment's plus what the templates derive."""
+    ctx = dep.context()
+    location = dep.nginx.location
+    nginx_user = ""
+    if host.euid == 0:
+        # nginx run by root drops its workers to "nobody", who cannot open a
+        # socket owned by root with mode 0660; use the socket's owner instead.
+        owner = dep.workers.socket_owner.split(":")[0] if dep.workers.socket_owner else ""
+        nginx_user = dep.workers.user or owner or host.user
+    mode = dep.workers.socket_mode
+    if isinstance(mode, str):
+        # settings.parse keeps a default as declared ("0660"), a configured value converted.
+        mode = settings.socket_mode(mode)
+    ctx.update(
+        conf_dir=conf_dir,
+        socket_mode="%04o" % mode,
+        host_user=host.user,
+        nginx_binary=host.nginx_binary,
+        nginx_user=nginx_user,
+        nginx_worker_processes=1,
+        mime_types=host.mime_types,
+        stopwaitsecs=int(math.ceil(dep.workers.graceful_timeout)) + 5,
+        nginx_stopwaitsecs=int(math.ceil(dep.nginx.read_timeout)) + 5,
+        inet_port=_inet_port(dep.control.inet_port) if dep.control.inet_port else "",
+        upstream_server=("unix:" + dep.socket_path if dep.socket_is_unix
+                         else dep.socket_url[len("tcp://"):]),
+        location=location,
+        script_name=location.rstrip("/"),
+        script_name_regex=_pcre_literal(location.rstrip("/")),
+        server_name_var="$host" if dep.nginx.server_name == "_" else "$server_name",
+        static_locations=[(prefix, directory.rstrip("/") + "/")
+                          for prefix, directory in sorted(dep.nginx.static.items())],
+        connect_timeout=nginx_duration(dep.nginx.connect_timeout),
+        read_timeout=nginx_duration(dep.nginx.read_timeout),
+    )
+    return ctx
+
+
+def check_consistency(dep: Deployment) -> None:
+    """Cross-setting rules that only matter for rendering; raise ConfigError."""
+    if not dep.socket_is_unix and dep.workers.socket_owner:
+        raise ConfigError("%s: workers.socket_owner = %r: only a unix socket has an owner"
+                          % (dep.path, dep.workers.socket_owner))
+    threads = dep.workers.count * dep.workers.threads
+    if dep.nginx.keepalive and dep.nginx.keepalive >= threads:
+        # A kept-alive idle connection pins one worker thread: with as many
+        # idle connections as threads, nginx worker processes that hold none
+        # of them wait in the socket backlog until workers.idle_timeout.
+        raise ConfigError("%s: nginx.keepalive = %d: each idle kept-alive connection pins a worker "
+                          "thread; keep it below workers.count * workers.threads = %d (or 0)"
+                          % (dep.path, dep.nginx.keepalive, threads))
+
+
+def render_all(dep: Deployment, host: Host, conf_dir: str) -> dict[str, str]:
+    """Every file, rendered in memory: {file name: text}.  Writes nothing."""
+    import jinja2
+
+    check_consistency(dep)
+    env = environment(dep.runtime.templates)
+    ctx = context(dep, host, conf_dir)
+    out = {}
+    for filename, template in FILES.items():
+        try:
+            out[filename] = env.get_template(template).render(ctx)
+        except jinja2.TemplateError as exc:
+            raise ConfigError("%s: template %s: %s" % (dep.path, template, exc)) from None
+    return out
+
+
+def write_atomic(files: Mapping[str, str], directory: str, mode: int = 0o644) -> list[str]:
+    """Write every file into ``directory``: temp file + os.replace each.
+
+    All temporary files are written before the first one is moved, so a
+    failure while writing leaves the directory as it was.
+    """
+    os.makedirs(directory, mode=0o755, exist_ok=True)
+    pending: list[tuple[str, str]] = []
+    try:
+        for filename, text in files.items():
+            fd, tmp = tempfile.mkstemp(prefix="." + filename + ".", suffix=".tmp", dir=directory)
+            pending.append((tmp, os.path.join(directory, filename)))
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+            os.chmod(tmp, mode)
+    except BaseException:
+        for tmp, _ in pending:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+        raise
+    for tmp, final in pending:
+        os.replace(tmp, final)
+    return [final for _, final in pending]
+
+
+def render(dep: Deployment, out_dir: Optional[str] = None, host: Optional[Host] = None) -> list[str]:
+    """Render every file for ``dep`` into ``out_dir`` (default: its runtime dir)."""
+    out_dir = os.path.abspath(out_dir or dep.runtime_dir)
+    files = render_all(dep, host or Host.probe(dep), out_dir)
+    return write_atomic(files, out_dir)
+
+
+# -- command --------------------------------------------------------------
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-c", "--config", default="deploy.toml", help="deployment file (default: %(default)s)")
+    parser.add_argument("-o", "--output", default=None,
+                        help="output directory (default: the deployment's runtime dir)")
+
+
+def run(args: argparse.Namespace) -> int:
+    dep = settings.load(args.config)
+    for path in render(dep, args.output):
+        print(path)
+    return 0

@@ -1,0 +1,204 @@
+"""Running a deployment in the foreground: commands ``run`` and ``demo``.
+
+``run`` renders the configs into the runtime dir, creates the scoreboard and
+starts ``supervisord -n`` as a child in its own session.  SIGINT and SIGTERM
+received by this process are forwarded to supervisord (the handlers only
+record the signal; the wait loop forwards it), which stops nginx, the
+watchdog and the workers gracefully.  When supervisord has exited, a socket
+file it left behind is removed and its exit status becomes ours.
+
+``demo`` writes a deployment file for the built-in demo app
+(:mod:`fcgi_toolkit.demo`) into a fresh temporary directory and runs it.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from typing import Optional, TextIO
+
+from fcgi_toolkit import render, settings
+from fcgi_toolkit.settings import ConfigError, Deployment
+
+_FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def prepare(dep: Deployment, host: Optional[render.Host] = None) -> list[str]:
+    """Create the runtime and log dirs and the scoreboard; render the configs."""
+    from fcgi_toolkit import scoreboard
+
+    files = render.render_all(dep, host or render.Host.probe(dep), dep.runtime_dir)
+    for directory in (dep.runtime_dir, dep.log_dir):
+        os.makedirs(directory, mode=0o755, exist_ok=True)
+    scoreboard.create(dep.scoreboard_path, dep.slots)
+    return render.write_atomic(files, dep.runtime_dir)
+
+
+def supervisord_command(dep: Deployment) -> list[str]:
+    return [sys.executable, "-m", "supervisor.supervisord", "-n", "-c", dep.supervisord_conf]
+
+
+def check_runnable(dep: Deployment) -> None:
+    """Refuse early, with one line, what supervisord would only log."""
+    if dep.nginx.managed and not render.find_nginx(dep.nginx.binary):
+        raise ConfigError("%s: nginx.managed = true: no nginx executable found; install nginx, "
+                          "set nginx.binary, or set nginx.managed = false" % dep.path)
+
+
+def banner(dep: Deployment) -> str:
+    lines = ["fcgi-toolkit: running %s (%d workers + %d standby)"
+             % (dep.name, dep.workers.count, dep.workers.standby)]
+    if dep.nginx.managed:
+        lines.append("  open:    http://%s%s" % (_http_host(dep.nginx.listen), dep.nginx.location))
+    lines.append("  socket:  %s" % dep.socket_url)
+    lines.append("  logs:    %s" % dep.log_dir)
+    lines.append("  control: supervisorctl -c %s status" % dep.supervisord_conf)
+    lines.append("  stop:    Ctrl-C (or kill -TERM %d)" % os.getpid())
+    return "\n".join(lines)
+
+
+def _http_host(listen: str) -> str:
+    return listen if ":" in listen else "127.0.0.1:" + listen
+
+
+def supervise(dep: Deployment, stream: TextIO = sys.stderr) -> int:
+    """Run supervisord in the foreground until it exits; return its status."""
+    received: list[int] = []
+
+    def on_signal(signum, _frame):
+        received.append(signum)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in _FORWARDED}
+    try:
+        # Own session: a terminal's Ctrl-C reaches only us, and we forward
+        # exactly one signal, so supervisord sees one clean shutdown request.
+        proc = subprocess.Popen(supervisord_command(dep), start_new_session=True,
+                                stdin=subprocess.DEVNULL)
+        print(banner(dep), file=stream, flush=True)
+        forwarded = 0
+        while True:
+            try:
+                status = proc.wait(timeout=0.2)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            while forwarded < len(received):
+                sig = received[forwarded]
+                forwarded += 1
+                # supervisord treats INT, TERM and QUIT as shutdown, HUP as restart;
+                # a HUP from a closed terminal must stop us, so it becomes TERM.
+                proc.send_signal(signal.SIGTERM if sig == signal.SIGHUP else sig)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    _remove_stale_socket(dep)
+    if received:
+        print("fcgi-toolkit: stopped (supervisord exit status %d)" % status, file=stream)
+    # A negative status means supervisord died by a signal: report it shell-style.
+    return status if status >= 0 else 128 - status
+
+
+def _remove_stale_socket(dep: Deployment) -> None:
+    if dep.socket_is_unix:
+        try:
+            os.unlink(dep.socket_path)
+        except FileNotFoundError:
+            pass
+
+
+def add_arguments_run(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-c", "--config", default="deploy.toml", help="deployment file (default: %(default)s)")
+
+
+def already_running(dep: Deployment) -> bool:
+    """Whether a supervisord answers on this deployment's control socket."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.settimeout(2)
+        s.connect(dep.control_socket)
+        return True
+    except OSError:
+        return False  # no socket file, or a stale one (ECONNREFUSED)
+    finally:
+        s.close()
+
+
+def run_run(args: argparse.Namespace) -> int:
+    dep = settings.load(args.config)
+    check_runnable(dep)
+    if already_running(dep):
+        print("fcgi-toolkit: %s is already running (%s answers); stop it first"
+              % (dep.name, dep.control_socket), file=sys.stderr)
+        return 1
+    prepare(dep)
+    return supervise(dep)
+
+
+# -- demo -----------------------------------------------------------------
+
+DEMO_TOML = """\
+# Deployment of the built-in demo app, written by `fcgi-toolkit demo`.
+[app]
+name = "demo"
+wsgi = "fcgi_toolkit.demo:application"
+directory = "."
+
+[workers]
+count = 2
+standby = 1
+threads = 4
+graceful_timeout = "10s"
+
+[limits]
+max_rss = "128MB"
+max_requests = 1000
+max_requests_jitter = 100
+request_timeout = "60s"
+slow_request = "10s"
+
+[nginx]
+listen = "{listen}"
+managed = {managed}
+
+[runtime]
+dir = "run"
+"""
+
+
+def demo_toml(port: int, managed: bool) -> str:
+    return DEMO_TOML.format(listen="127.0.0.1:%d" % port, managed="true" if managed else "false")
+
+
+def add_arguments_demo(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--port", type=int, default=8080, help="nginx port on 127.0.0.1 (default: %(default)s)")
+    parser.add_argument("--dir", default=None,
+                        help="keep the demo's files here (default: a temporary directory removed on exit)")
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    managed = bool(render.find_nginx())
+    temporary = args.dir is None
+    directory = tempfile.mkdtemp(prefix="fcgi-toolkit-demo-") if temporary else os.path.abspath(args.dir)
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, "deploy.toml")
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(demo_toml(args.port, managed))
+        dep = settings.load(path)
+        print("fcgi-toolkit demo: deployment file %s%s" % (
+            path, " (temporary, removed on exit; --dir DIR keeps it)" if temporary else ""),
+            file=sys.stderr)
+        if not managed:
+            print("fcgi-toolkit demo: nginx not found, so no HTTP server; talk FastCGI to the socket:\n"
+                  "  SCRIPT_NAME= PATH_INFO=/ REQUEST_METHOD=GET QUERY_STRING= "
+                  "cgi-fcgi -bind -connect %s" % dep.socket_path, file=sys.stderr)
+        prepare(dep)
+        return supervise(dep)
+    finally:
+        if temporary:
+            shutil.rmtree(directory, ignore_errors=True)

@@ -1,0 +1,340 @@
+"""status: pure state derivation and formatting, then gather() with a recording fake RPC."""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import socket
+from types import SimpleNamespace
+
+import pytest
+from supervisor.states import ProcessStates
+
+from fcgi_toolkit import scoreboard, settings, status
+from fcgi_toolkit.scoreboard import SlotRecord, SlotWriter
+from fcgi_toolkit.policy import SlotSnapshot
+from fcgi_toolkit.status import (GroupStatus, Inflight, WorkerView, derive_state, format_bytes,
+                                 format_duration, format_table, group_status, to_json,
+                                 worker_view)
+
+NOW = 1_800_000_000.0
+MB = 1024 * 1024
+
+
+def record(slot=0, pid=100, started=NOW - 60, requests=5, inflight=0, ready=True,
+           draining=False, req_start=0.0, method="", uri=""):
+    return SlotRecord(slot=slot, pid=pid, started=started, requests=requests, inflight=inflight,
+                      ready=ready, draining=draining, req_start=req_start, req_id=requests + 1,
+                      last_duration=0.01, method=method, uri=uri)
+
+
+def info(name, state, pid=0, start=0, group="wiki"):
+    return {"name": name, "group": group, "state": state,
+            "statename": {0: "STOPPED", 10: "STARTING", 20: "RUNNING", 30: "BACKOFF",
+                          40: "STOPPING", 100: "EXITED", 200: "FATAL"}.get(state, "UNKNOWN"),
+            "pid": pid, "start": start, "now": int(NOW)}
+
+
+# -- derive_state: every branch, plain values --------------------------------
+
+@pytest.mark.parametrize("sup,rec,slot_state,short,expected", [
+    (ProcessStates.RUNNING, record(), {}, False, "ready"),
+    (ProcessStates.RUNNING, record(inflight=1, req_start=NOW - 2), {}, False, "busy"),
+    (ProcessStates.RUNNING, record(ready=False), {}, False, "starting"),
+    (ProcessStates.RUNNING, None, {}, False, "starting"),
+    (ProcessStates.RUNNING, record(draining=True, inflight=1), {}, False, "draining"),
+    (ProcessStates.RUNNING, record(), {"flapping": True}, False, "flapping"),
+    (ProcessStates.STARTING, None, {}, False, "starting"),
+    (ProcessStates.STOPPING, record(), {}, False, "draining"),
+    (ProcessStates.BACKOFF, None, {}, False, "backoff"),
+    (ProcessStates.FATAL, None, {}, False, "fatal"),
+    (ProcessStates.EXITED, None, {}, False, "exited"),
+    (ProcessStates.STOPPED, None, {}, False, "standby"),
+    (ProcessStates.STOPPED, None, {}, True, "stopped"),
+    (ProcessStates.STOPPED, None, {"flapping": True, "backoff_until": NOW + 30}, False, "flapping"),
+    (ProcessStates.STOPPED, None, {"backoff_until": NOW + 30}, False, "backoff"),
+    (ProcessStates.STOPPED, None, {"backoff_until": NOW - 30}, False, "standby"),
+    (ProcessStates.UNKNOWN, None, {}, False, "unknown"),
+])
+def test_derive_state(sup, rec, slot_state, short, expected):
+    assert derive_state(sup, rec, slot_state, short, NOW) == expected
+    assert expected in status.STATES
+
+
+def snap(name, state, pid=0, created=None, rss=0, rec=None):
+    index = int(name.rsplit("_", 1)[1])
+    return SlotSnapshot(name=name, index=index, state=state, pid=pid, create_time=created,
+                        rss=rss, record=rec, age=NOW - created if created else 0.0)
+
+
+def test_worker_view_from_a_live_snapshot():
+    rec = record(pid=100, started=NOW - 60, requests=7, inflight=1, req_start=NOW - 3,
+                 method="GET", uri="/slow?s=5")
+    v = worker_view("wiki_00", snap("wiki_00", ProcessStates.RUNNING, 100, NOW - 60, 30 * MB, rec),
+                    {}, False, NOW)
+    assert v.state == "busy" and v.serving and v.supervisor_state == "RUNNING"
+    assert v.pid == 100 and v.requests == 7 and v.rss_bytes == 30 * MB
+    assert v.inflight == Inflight("GET", "/slow?s=5", 3.0)
+    assert v.age_seconds == 60.0
+
+
+def test_worker_view_without_a_live_record():
+    # The sampler found the process but no live scoreboard record (pid reused, or
+    # the worker has not written its slot yet).
+    v = worker_view("wiki_00", snap("wiki_00", ProcessStates.RUNNING, 100, NOW - 5, 10 * MB),
+                    {}, False, NOW)
+    assert v.state == "starting" and not v.serving
+    assert v.requests is None and v.inflight is None
+    assert v.age_seconds == 5.0 and v.rss_bytes == 10 * MB
+    # The process could not be probed (gone, or not ours): nothing but the pid.
+    v = worker_view("wiki_00", snap("wiki_00", ProcessStates.RUNNING, 100), {}, False, NOW)
+    assert v.pid == 100 and v.rss_bytes is None and v.age_seconds is None and not v.serving
+    # Not listed by supervisord at all.
+    v = worker_view("wiki_00", None, {}, False, NOW)
+    assert v.state == "unknown" and v.pid is None and v.supervisor_state == "UNKNOWN"
+
+
+def test_worker_view_stopped_slot_carries_state_file_record():
+    slot_state = {"recycles": 3, "last_reason": "rss 301MB > 256MB", "last_time": NOW - 300,
+                  "by_reason": {"rss": 2, "requests": 1}, "flapping": False, "backoff_until": 0}
+    v = worker_view("wiki_02", snap("wiki_02", ProcessStates.STOPPED), slot_state, False, NOW)
+    assert v.state == "standby" and v.pid is None and v.age_seconds is None
+    assert v.recycles == 3 and v.last_reason == "rss 301MB > 256MB"
+    assert v.last_recycle_time == NOW - 300
+    assert v.by_reason == {"rss": 2, "requests": 1}
+
+
+def test_worker_view_tolerates_junk_in_state_file():
+    # A fresh slot record (statefile.new_slot_state) and outright junk.
+    fresh = {"recycles": 0, "last_reason": "", "last_time": 0.0, "by_reason": {},
+             "flapping": False, "backoff_until": 0.0, "fails": 0, "life": None}
+    junk = {"recycles": "many", "last_time": None, "backoff_until": "soon", "by_reason": [1]}
+    for slot_state in (fresh, junk):
+        v = worker_view("wiki_00", snap("wiki_00", ProcessStates.STOPPED), slot_state, False, NOW)
+        assert (v.recycles, v.last_reason, v.last_recycle_time, v.state, v.by_reason) == (
+            0, None, None, "standby", {})
+
+
+def _group(snaps, state=None, count=2, standby=1):
+    return group_status("wiki", count, standby, ["wiki_00", "wiki_01", "wiki_02"], snaps,
+                        state or {}, NOW)
+
+
+def test_group_status_counts_and_standby_vs_stopped():
+    s0 = snap("wiki_00", ProcessStates.RUNNING, 100, NOW - 60, 20 * MB, record(0, 100, NOW - 60))
+    s1 = snap("wiki_01", ProcessStates.RUNNING, 101, NOW - 30, 25 * MB,
+              record(1, 101, NOW - 30, inflight=1, req_start=NOW - 1, method="POST", uri="/x"))
+    s2 = snap("wiki_02", ProcessStates.STOPPED)
+    g = _group([s0, s1, s2], {"slots": {"wiki_01": {"recycles": 2, "last_reason": "requests 50 >= 50",
+                                                    "last_time": NOW - 31}}})
+    assert [w.state for w in g.workers] == ["ready", "busy", "standby"]
+    assert g.ready == 2 and g.recycles == 2
+
+    # One worker down: the stopped slot is a hole, not a standby.
+    g = _group([s0, snap("wiki_01", ProcessStates.EXITED), s2])
+    assert [w.state for w in g.workers] == ["ready", "exited", "stopped"]
+    assert g.ready == 1
+
+
+def test_group_status_slot_unknown_to_supervisord():
+    g = _group([])
+    assert [w.state for w in g.workers] == ["unknown"] * 3 and g.ready == 0
+
+
+# -- formatting --------------------------------------------------------------
+
+@pytest.mark.parametrize("value,text", [
+    (None, "-"), (0, "0KB"), (512 * 1024, "512KB"), (301 * MB, "301MB"),
+    (int(2.5 * 1024 * MB), "2.5GB")])
+def test_format_bytes(value, text):
+    assert format_bytes(value) == text
+
+
+@pytest.mark.parametrize("value,text", [
+    (None, "-"), (2.14, "2.1s"), (45, "45s"), (185, "3m05s"), (6 * 3600 + 125, "6h02m"),
+    (2 * 86400 + 4 * 3600 + 59, "2d04h")])
+def test_format_duration(value, text):
+    assert format_duration(value) == text
+
+
+def _view(name, state, **kw):
+    base = dict(name=name, state=state, supervisor_state="RUNNING", pid=None, rss_bytes=None,
+                requests=None, age_seconds=None, inflight=None, recycles=0, last_reason=None,
+                last_recycle_time=None, serving=False, by_reason={})
+    base.update(kw)
+    return WorkerView(**base)
+
+
+def _sample_status():
+    return GroupStatus(group="wiki", count=2, standby=1, generated_at=NOW, workers=(
+        _view("wiki_00", "busy", pid=4242, rss_bytes=31 * MB, requests=17, age_seconds=73.5,
+              inflight=Inflight("GET", "/slow?s=5", 2.1), recycles=1,
+              last_reason="requests 1043 >= 1021", last_recycle_time=NOW - 120, serving=True),
+        _view("wiki_01", "ready", pid=4243, rss_bytes=30 * MB, requests=3, age_seconds=7300,
+              serving=True),
+        _view("wiki_02", "standby", supervisor_state="STOPPED")))
+
+
+def test_format_table():
+    text = format_table(_sample_status())
+    lines = text.splitlines()
+    assert lines[0].split() == ["WORKER", "STATE", "PID", "RSS", "REQS", "AGE", "RECYCLES",
+                                "LAST", "REASON", "IN", "FLIGHT"]
+    assert lines[1].split() == ["wiki_00", "busy", "4242", "31MB", "17", "1m13s", "1",
+                                "requests", "1043", ">=", "1021", "GET", "/slow?s=5", "(2.1s)"]
+    assert lines[2].split() == ["wiki_01", "ready", "4243", "30MB", "3", "2h01m", "0", "-", "-"]
+    assert lines[3].split() == ["wiki_02", "standby", "-", "-", "-", "-", "0", "-", "-"]
+    # Columns line up: every row's STATE starts where the header's does.
+    col = lines[0].index("STATE")
+    assert all(line[col - 2:col] == "  " and line[col] != " " for line in lines[1:4])
+    assert lines[4] == ("wiki: 2/2 workers ready, 1 standby, 1 recycle "
+                        "(last 2m00s ago: wiki_00 requests 1043 >= 1021)")
+
+
+def test_summary_mentions_work_in_progress():
+    s = _sample_status()
+    with_reload = GroupStatus(**{**s.__dict__, "reload": {"started": NOW}})
+    # statefile.py: "recycle" is {OFFENDER: {"replacement": ..., "phase": ...}}
+    with_recycle = GroupStatus(**{**s.__dict__, "recycle": {
+        "wiki_01": {"offender": "wiki_01", "replacement": "wiki_02", "phase": "starting"}}})
+    assert format_table(with_reload).rstrip().endswith("; reload in progress")
+    assert format_table(with_recycle).rstrip().endswith(
+        "; recycle in progress (wiki_01 -> wiki_02)")
+
+
+def test_to_json_is_the_documented_object():
+    obj = json.loads(json.dumps(to_json(_sample_status())))
+    assert set(obj) == {"group", "count", "standby", "ready", "recycles", "workers",
+                        "generated_at"}
+    assert (obj["group"], obj["count"], obj["standby"], obj["ready"]) == ("wiki", 2, 1, 2)
+    w0, _, w2 = obj["workers"]
+    assert set(w0) == {"name", "state", "supervisor_state", "pid", "rss_bytes", "requests",
+                       "age_seconds", "inflight", "recycles", "last_reason",
+                       "last_recycle_time"}
+    assert w0["inflight"] == {"method": "GET", "uri": "/slow?s=5", "seconds": 2.1}
+    assert w0["rss_bytes"] == 31 * MB and w0["last_recycle_time"] == NOW - 120
+    assert w2["pid"] is None and w2["inflight"] is None and w2["state"] == "standby"
+
+
+# -- gather(): recording fake RPC, real scoreboard file, injected probe ------
+
+class RecordingRPC:
+    """The ``supervisor`` namespace; records calls (superlance dummy style)."""
+
+    def __init__(self, infos=None, error=None):
+        self.infos = infos or []
+        self.error = error
+        self.calls = []
+
+    def getAllProcessInfo(self):
+        self.calls.append("getAllProcessInfo")
+        if self.error:
+            raise self.error
+        return self.infos
+
+
+class FakeProcesses:
+    """Stands in for psutil.Process: {pid: (create_time, rss)}; records the pids asked for."""
+
+    def __init__(self, table):
+        self.table = table
+        self.asked = []
+
+    def __call__(self, pid):
+        import psutil
+        self.asked.append(pid)
+        if pid not in self.table:
+            raise psutil.NoSuchProcess(pid)
+        created, rss = self.table[pid]
+        return SimpleNamespace(is_running=lambda: True, create_time=lambda: created,
+                               memory_info=lambda: SimpleNamespace(rss=rss))
+
+
+@pytest.fixture
+def dep(tmp_path):
+    path = tmp_path / "deploy.toml"
+    return settings.parse({"app": {"name": "wiki", "wsgi": "app:application"},
+                           "workers": {"count": 2, "standby": 1},
+                           "runtime": {"dir": str(tmp_path / "rt")}}, str(path))
+
+
+def test_gather_joins_rpc_scoreboard_state_file_and_probe(dep):
+    os.makedirs(dep.runtime_dir)
+    scoreboard.create(dep.scoreboard_path, dep.slots)
+    clock = [NOW - 4]
+    w0 = SlotWriter(dep.scoreboard_path, 0, dep.slots, pid=100, started=NOW - 60,
+                    clock=lambda: clock[0])
+    w0.set_ready()
+    w0.end(w0.begin("GET", "/a"))
+    w0.begin("GET", "/slow?s=5")
+    w1 = SlotWriter(dep.scoreboard_path, 1, dep.slots, pid=101, started=NOW - 30)
+    w1.set_ready()
+    w1.set_draining()
+    with open(dep.state_path, "w") as f:
+        json.dump({"version": 1, "slots": {"wiki_00": {
+            "recycles": 3, "last_reason": "rss 301MB > 256MB", "last_time": NOW - 10,
+            "by_reason": {"rss": 2, "requests": 1}, "flapping": False, "backoff_until": 0}},
+            "recycle": None, "reload": None}, f)
+    rpc = RecordingRPC([info("wiki_00", ProcessStates.RUNNING, 100, NOW - 60),
+                        info("wiki_01", ProcessStates.STOPPING, 101, NOW - 30),
+                        info("wiki_02", ProcessStates.STARTING, 102, NOW - 1),
+                        info("other", ProcessStates.RUNNING, 555, NOW - 1, group="other")])
+    procs = FakeProcesses({100: (NOW - 60, 40 * MB), 101: (NOW - 30, 50 * MB),
+                           102: (NOW - 1, 5 * MB)})
+    g = status.gather(dep, rpc, now=NOW, process_factory=procs)
+    assert rpc.calls == ["getAllProcessInfo"]
+    assert sorted(procs.asked) == [100, 101, 102]     # only the group's processes
+    w = {v.name: v for v in g.workers}
+    assert w["wiki_00"].state == "busy" and w["wiki_00"].requests == 1
+    assert w["wiki_00"].inflight == Inflight("GET", "/slow?s=5", 4.0)
+    assert w["wiki_00"].recycles == 3 and w["wiki_00"].rss_bytes == 40 * MB
+    assert w["wiki_01"].state == "draining" and not w["wiki_01"].serving
+    assert w["wiki_02"].state == "starting" and w["wiki_02"].requests is None
+    assert g.ready == 1
+    w0.close()
+    w1.close()
+
+
+def test_gather_without_scoreboard_or_state_file(dep):
+    rpc = RecordingRPC([info("wiki_00", ProcessStates.STOPPED)])
+    g = status.gather(dep, rpc, now=NOW, process_factory=FakeProcesses({}))
+    assert [v.state for v in g.workers] == ["stopped", "unknown", "unknown"]
+
+
+def test_gather_ignores_a_record_left_by_a_dead_worker(dep):
+    """pid reused: same pid, another start time: the old slot record is not shown."""
+    os.makedirs(dep.runtime_dir)
+    old = SlotWriter(dep.scoreboard_path, 0, dep.slots, pid=100, started=NOW - 600)
+    old.set_ready()
+    old.begin("GET", "/old")
+    rpc = RecordingRPC([info("wiki_00", ProcessStates.RUNNING, 100, NOW - 2)])
+    g = status.gather(dep, rpc, now=NOW, process_factory=FakeProcesses({100: (NOW - 2, MB)}))
+    w0 = g.workers[0]
+    assert w0.state == "starting" and w0.inflight is None and w0.requests is None
+    assert w0.age_seconds == 2 and w0.rss_bytes == MB
+    old.close()
+
+
+@pytest.mark.parametrize("err", [errno.ENOENT, errno.ECONNREFUSED])
+def test_gather_reports_supervisord_not_running(dep, err):
+    rpc = RecordingRPC(error=OSError(err, os.strerror(err)))
+    with pytest.raises(status.SupervisorUnavailable, match="supervisord is not running"):
+        status.gather(dep, rpc, now=NOW)
+
+
+def test_status_command_exits_1_when_supervisord_is_not_running(tmp_path, capsys):
+    from fcgi_toolkit import cli
+    deploy = tmp_path / "deploy.toml"
+    deploy.write_text('[app]\nname = "wiki"\nwsgi = "app:application"\n'
+                      '[runtime]\ndir = "%s"\n' % (tmp_path / "rt"))
+    assert cli.main(["status", "-c", str(deploy)]) == 1
+    err = capsys.readouterr().err
+    assert "supervisord is not running" in err and "supervisor.sock" in err
+
+    # A stale socket file with nobody listening: refused, same message.
+    os.makedirs(tmp_path / "rt")
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(tmp_path / "rt" / "supervisor.sock"))
+    stale.close()
+    assert cli.main(["status", "-c", str(deploy), "--json"]) == 1
+    assert "supervisord is not running" in capsys.readouterr().err

@@ -1,0 +1,203 @@
+"""The watchdog for real: supervisord, workers, the listener, nginx, HTTP on loopback.
+
+Each test keeps its load bounded (threads x duration) and asserts outcomes:
+zero failed requests, which pids changed, what the logs and the state file say.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from harness import wait_for
+
+pytestmark = pytest.mark.integration
+
+MB = 1024 * 1024
+FAST = {"check_interval": 0.5, "ready_timeout": "20s"}
+RECYCLED = re.compile(r"recycled worker=(\w+) old_pid=(\d+) replacement=(\w+) new_pid=(\d+)"
+                      r" reason='([^']*)'")
+
+
+def recycled(c):
+    return RECYCLED.findall(c.watchdog_log())
+
+
+def state(c):
+    with open(c.dep.state_path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+class PidWatcher(threading.Thread):
+    """Collects every worker pid seen RUNNING and the fewest ready workers, until stopped."""
+
+    def __init__(self, cluster, interval=0.2):
+        super().__init__(daemon=True)
+        self.c, self.interval = cluster, interval
+        self.seen: set[int] = set()
+        self.min_ready = None
+        self.halt = threading.Event()
+
+    def run(self):
+        while not self.halt.wait(self.interval):
+            try:
+                ready = self.c.ready_workers()
+                self.seen.update(self.c.pids().values())
+            except OSError:
+                continue
+            n = len(ready)
+            self.min_ready = n if self.min_ready is None else min(self.min_ready, n)
+
+    def stop(self):
+        self.halt.set()
+        self.join(10)
+
+
+def test_leaking_workers_are_recycled_before_the_limit_plus_one_interval(cluster):
+    # The leak takes seconds to reach the limit: not flapping (flap_window 2 s).  Two
+    # standby slots and max_concurrent 2: both workers may cross the limit together.
+    c = cluster("wd_leak:application", name="wd", limits={"max_rss": "80MB"},
+                workers={"count": 2, "standby": 2},
+                recycle=dict(FAST, flap_window="2s", max_concurrent=2))
+    first = c.ready_workers()
+    # At most 2 clients x 10 requests/s = 20 MB/s of leak in all, so at most
+    # 10 MB in one 0.5 s check interval even if one worker got every request.
+    growth_per_interval = 10
+    load = c.load("/", threads=2, duration=15, pause=0.1).start()
+    load.join()
+    assert load.failed == 0, load.summary()
+    done = recycled(c)
+    assert {old for _, old, _, _, _ in done} >= {str(p) for p in first.values()}, done
+    for worker, old, _, new, reason in done:
+        m = re.match(r"rss ([\d.]+)MB > 80MB", reason)
+        assert m, reason
+        assert float(m.group(1)) <= 80 + growth_per_interval + 1, (worker, reason)
+    assert c.access_log_statuses().keys() <= {200}
+
+
+def test_max_requests_recycles_only_offenders_with_zero_failures(cluster):
+    c = cluster("wd_sleep:application", name="wd", limits={"max_requests": 50}, recycle=FAST)
+    watcher = PidWatcher(c)
+    watcher.start()
+    try:
+        load = c.load("/", threads=4, duration=15).start()
+        load.join()
+    finally:
+        watcher.stop()
+    assert load.failed == 0, load.summary()
+    done = recycled(c)
+    assert len(done) >= 4, done
+    assert all(reason.startswith("requests ") for *_, reason in done)
+    # Only offenders' pids changed: every pid that went away was recycled by the watchdog.
+    gone = watcher.seen - set(c.pids().values())
+    assert gone <= {int(old) for _, old, _, _, _ in done}
+    statuses = c.access_log_statuses()
+    assert statuses[502] == 0 and statuses[504] == 0, statuses
+    assert watcher.min_ready >= 2
+
+
+def test_request_past_request_timeout_is_killed_and_others_keep_succeeding(cluster):
+    c = cluster("wd_sleep:application", name="wd", recycle=FAST,
+                limits={"request_timeout": "3s"}, workers={"count": 2, "threads": 2})
+    before = c.pids()
+    outcome = {}
+
+    def stuck():
+        t0 = time.monotonic()
+        try:
+            outcome["status"] = c.get("/sleep?s=30", timeout=40).status
+        except OSError as exc:
+            outcome["status"] = repr(exc)
+        outcome["took"] = time.monotonic() - t0
+
+    t = threading.Thread(target=stuck, daemon=True)
+    t.start()
+    load = c.load("/", threads=2, duration=8, pause=0.02).start()
+    t.join(20)
+    load.join()
+    assert not t.is_alive()
+    # Killed within request_timeout + check_interval + 1 s (the answer is nginx's 502).
+    assert outcome["took"] <= 3 + 0.5 + 1, outcome
+    assert load.failed == 0, load.summary()
+    log = c.watchdog_log()
+    assert re.search(r"killing wd_0\d pid \d+: request_timeout GET /sleep\?s=30 running 3s", log), log
+    c.wait_ready(2, timeout=20)
+    after = c.pids()
+    assert len(set(before.values()) - set(after.values())) == 1
+
+
+def test_slow_request_dumps_the_stack_naming_the_sleeping_function(cluster):
+    c = cluster("wd_sleep:application", name="wd", recycle=FAST, limits={"slow_request": "1s"})
+    r = c.get("/sleep?s=3", timeout=20)
+    assert r.status == 200
+    slot = r.text.split()[1]
+    worker = next(n for n, p in c.pids().items() if str(p) == slot)
+    logs = wait_for(lambda: "sleepy_handler" in c.worker_log(worker) and c.worker_log(worker),
+                    10, "a stack dump in %s's log" % worker)
+    assert "wd_sleep.py" in logs
+    assert c.watchdog_log().count("slow_request GET /sleep?s=3") == 1
+
+
+def test_fresh_workers_over_the_limit_cause_no_restart_storm(cluster):
+    c = cluster("wd_fat:application", name="wd", recycle=FAST, limits={"max_rss": "40MB"})
+    load = c.load("/", threads=2, duration=15, pause=0.05).start()
+    load.join()
+    assert load.failed == 0, load.summary()
+    st = state(c)
+    total = sum(s["recycles"] for s in st["slots"].values())
+    # Backoff 2, 4, 8 s...: a handful of recycles in 15 s, not one per check interval.
+    assert 1 <= total <= 5, st
+    assert any(s["flapping"] for s in st["slots"].values()), st
+    log = c.watchdog_log()
+    assert "is flapping: rss" in log and "raise the limit or fix the app" in log
+    assert len(c.ready_workers()) == 2
+
+
+def test_listener_killed_mid_recycle_resumes_and_nothing_is_lost(cluster):
+    c = cluster("wd_sleep:application", name="wd", recycle=FAST, workers={"graceful_timeout": "20s"})
+    before = c.ready_workers()
+    # A slow request on every worker keeps the offender draining for a while.
+    results = []
+
+    def slow():
+        try:
+            results.append(c.get("/sleep?s=5", timeout=30).status)
+        except OSError as exc:
+            results.append(repr(exc))
+
+    threads = [threading.Thread(target=slow, daemon=True) for _ in range(2)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    ctl = subprocess.Popen([sys.executable, "-m", "fcgi_toolkit", "recycle", "-c", c.deploy_path,
+                            "wd_00", "--timeout", "60"], stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: (state(c).get("recycle") or {}).get("wd_00", {}).get("phase") == "stopping",
+                 20, "the recycle to reach its stopping phase")
+        old_listener = c.rpc.supervisor.getProcessInfo("wd_watchdog")["pid"]
+        os.kill(old_listener, signal.SIGKILL)
+        out, _ = ctl.communicate(timeout=60)
+    finally:
+        if ctl.poll() is None:
+            ctl.kill()
+            ctl.wait(5)
+    for t in threads:
+        t.join(30)
+    assert ctl.returncode == 0, out
+    assert results == [200, 200], results
+    new_listener = c.rpc.supervisor.getProcessInfo("wd_watchdog")["pid"]
+    assert new_listener != old_listener
+    after = c.wait_ready(2, timeout=20)
+    st = state(c)
+    assert st["recycle"] is None and st["slots"]["wd_00"]["recycles"] == 1, st
+    assert before["wd_01"] == after["wd_01"] and "wd_00" not in c.pids()
+    assert len(c.pids()) == 2
+    assert "resuming recycle of wd_00" in c.watchdog_log()
