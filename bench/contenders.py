@@ -120,8 +120,13 @@ class Contender:
                 if os.path.exists(os.path.join(self.mark_dir, "ready-%d" % p))]
 
     def wait_ready(self, timeout: float = 60.0) -> list[int]:
-        return _wait(lambda: (lambda r: r if len(r) >= self.spec.workers else None)(self.ready_pids()),
-                     timeout, "%d ready workers of %s" % (self.spec.workers, self.label))
+        def ready():
+            if self.proc is not None and self.proc.poll() is not None:
+                raise ContenderError("%s exited %s: %s" % (self.label, self.proc.returncode,
+                                                           self.log_tail(limit=600)))
+            pids = self.ready_pids()
+            return pids if len(pids) >= self.spec.workers else None
+        return _wait(ready, timeout, "%d ready workers of %s" % (self.spec.workers, self.label))
 
     def log_tail(self, pattern: str = "*.log", limit: int = 2000) -> str:
         out = []
@@ -272,7 +277,12 @@ class Uwsgi(Contender):
                "--processes", str(s.workers), "--module", module, "--chdir", ROOT,
                "--pythonpath", ROOT, "--lazy-apps", "--die-on-term", "--disable-logging",
                "--master-fifo", self.fifo, "--pidfile", os.path.join(self.workdir, "uwsgi.pid"),
-               "--logto", os.path.join(self.workdir, "uwsgi.log"), "--listen", "128"]
+               "--logto", os.path.join(self.workdir, "uwsgi.log"), "--listen", "128",
+               # uWSGI ignores --max-requests and --reload-on-rss for a worker
+               # younger than min-worker-lifetime (default 10 s); ours has no
+               # such floor for request counts, and its RSS flap guard is
+               # lowered the same way (Spec.extra["flap_window"]).
+               "--min-worker-lifetime", "1"]
         if s.threads > 1:
             cmd += ["--threads", str(s.threads)]
         if s.max_requests:
@@ -363,6 +373,7 @@ class Ours(_Supervised):
             "",
             "[recycle]",
             "check_interval = %s" % float(s.check_interval),
+            "flap_window = %s" % float(s.extra.get("flap_window", 60.0)),
             "",
             "[nginx]",
             "managed = false",

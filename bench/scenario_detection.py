@@ -57,10 +57,12 @@ def run(ctx: Context) -> Result:
     env = (("BENCH_GROW_BYTES", str(GROW)),)
     plan = [(BASELINE, "flup", Spec(app=APP, workers=ctx.workers, max_rss=MAX_RSS, env=env)),
             ("ours max_rss", "ours", Spec(app=APP, workers=ctx.workers, max_rss=MAX_RSS, env=env,
-                                          check_interval=1.0)),
+                                          check_interval=1.0, extra={"flap_window": 1.0})),
             ("uwsgi --reload-on-rss", "uwsgi", Spec(app=APP, workers=ctx.workers, max_rss=MAX_RSS, env=env))]
     result.notes.append("limit %d MB, one request adds %d MB; ours checks every 1 s, memmon on TICK_5"
                         % (MAX_RSS // MB, GROW // MB))
+    result.notes.append("flap guards lowered to 1 s: ours recycle.flap_window, "
+                        "uWSGI --min-worker-lifetime (default 10 s)")
     for label, kind, spec in plan:
         why = ctx.can_run(kind, spec)
         if why:

@@ -42,8 +42,11 @@ def run(ctx: Context) -> Result:
     env = (("BENCH_LEAK_BYTES", str(leak)),)
     result.notes.append("limit %d MB; the app keeps %d bytes per request (~%d MB/s per worker at "
                         "%.0f req/s per worker)" % (MAX_RSS // MB, leak, GROWTH // MB, per_worker))
+    result.notes.append("flap guards lowered to 1 s for both: ours recycle.flap_window, "
+                        "uWSGI --min-worker-lifetime (default 10 s)")
     plan = [(BASELINE, "flup", Spec(app=APP, workers=ctx.workers, max_rss=MAX_RSS, env=env)),
-            ("ours max_rss", "ours", Spec(app=APP, workers=ctx.workers, max_rss=MAX_RSS, env=env)),
+            ("ours max_rss", "ours", Spec(app=APP, workers=ctx.workers, max_rss=MAX_RSS, env=env,
+                                          extra={"flap_window": 1.0})),
             ("uwsgi --reload-on-rss", "uwsgi", Spec(app=APP, workers=ctx.workers, max_rss=MAX_RSS, env=env))]
     for label, kind, spec in plan:
         why = ctx.can_run(kind, spec)

@@ -33,12 +33,16 @@ COLUMNS = [("contender", "contender", "s"), ("failed", "failed", "d"), ("request
 
 def calibrate(ctx: Context) -> float:
     """Requests/s per worker of the hello app (measured on the baseline)."""
+    known = ctx.shared.get("flup_rps_per_worker")
+    if known:
+        return known
     stack = ctx.session.start("flup", Spec(app=APP, workers=ctx.workers), label="calibration")
     try:
         r = wrk.run(stack.url, 2 if not ctx.smoke else 1, ctx.connections)
     finally:
         ctx.session.stop(stack)
-    return max(r.rps / ctx.workers, 50.0)
+    ctx.shared["flup_rps_per_worker"] = max(r.rps / ctx.workers, 50.0)
+    return ctx.shared["flup_rps_per_worker"]
 
 
 def _restart_loop(stack, workers: int, period: float, stop: threading.Event, done: list) -> None:
@@ -75,11 +79,12 @@ def measure(ctx: Context, stack, duration: float, action=None) -> dict:
 def run(ctx: Context) -> Result:
     result = Result(NAME, TITLE, BASELINE, COLUMNS)
     duration = 4.0 if ctx.smoke else max(ctx.duration * 4, 12.0)
+    period = 1.5 if ctx.smoke else PERIOD
     per_worker = calibrate(ctx)
-    max_requests = max(50, int(per_worker * PERIOD))
+    max_requests = max(50, int(per_worker * period))
     result.notes.append("max_requests = %d (%.0f req/s per worker x %.0f s); the restart loop "
                         "restarts one of %d workers every %.1f s" %
-                        (max_requests, per_worker, PERIOD, ctx.workers, PERIOD / ctx.workers))
+                        (max_requests, per_worker, period, ctx.workers, period / ctx.workers))
     plan = [(BASELINE, "flup", Spec(app=APP, workers=ctx.workers)),
             ("ours max_requests", "ours", Spec(app=APP, workers=ctx.workers, max_requests=max_requests)),
             ("uwsgi --max-requests", "uwsgi", Spec(app=APP, workers=ctx.workers, max_requests=max_requests))]
@@ -98,7 +103,7 @@ def run(ctx: Context) -> Result:
             action = None
             if kind == "flup":
                 restarts: list = []
-                action = lambda stop, s=stack, d=restarts: _restart_loop(s, ctx.workers, PERIOD, stop, d)
+                action = lambda stop, s=stack, d=restarts: _restart_loop(s, ctx.workers, period, stop, d)
             m = measure(ctx, stack, duration, action)
         finally:
             ctx.session.stop(stack)

@@ -35,9 +35,12 @@ def variants(ctx: Context, app: str) -> list[tuple[str, str, Spec]]:
     out = [("flup", "flup", Spec(app=app, workers=n)),
            ("ours", "ours", Spec(app=app, workers=n))]
     if not ctx.smoke:
+        # Our config refuses nginx.keepalive >= count * threads (an idle kept
+        # connection pins a worker thread), so keep-alive is tried below that.
         out += [("ours threads=4", "ours", Spec(app=app, workers=n, threads=4)),
-                ("ours keepalive=8", "ours", Spec(app=app, workers=n, keepalive=8)),
-                ("flup keepalive=8", "flup", Spec(app=app, workers=n, keepalive=8))]
+                ("ours keepalive=%d" % (n - 1), "ours", Spec(app=app, workers=n, keepalive=n - 1)),
+                ("ours threads=4 keepalive=%d" % (2 * n), "ours",
+                 Spec(app=app, workers=n, threads=4, keepalive=2 * n))]
     out += [("uwsgi", "uwsgi", Spec(app=app, workers=n))]
     return out
 
@@ -77,6 +80,9 @@ def run(ctx: Context) -> Result:
                              "all_rps": [r.rps for r in rs]})
             add_ratios(rows, BASELINE, "rps")
             result.rows += rows
+            flup = next((r for r in rows if r["contender"] == "flup"), None)
+            if app_name == "hello" and flup and flup["rps"]:
+                ctx.shared["flup_rps_per_worker"] = flup["rps"] / ctx.workers
             ours = next((r for r in rows if r["contender"] == "ours"), None)
             if ours and ours["rps"]:
                 # Per-request wall time in one worker, for the scoreboard-cost scenario.

@@ -427,10 +427,10 @@ class Coordinator:
                 if action.pid not in self._held_logged:
                     self._held_logged.add(action.pid)
                     log.error("%s pid %d is flapping: %s soon after it started; it keeps serving"
-                              " until its slot's backoff ends in %s (no restart storm). Fresh"
+                              " until its slot's backoff ends in %.1fs (no restart storm). Fresh"
                               " workers break this limit: raise the limit or fix the app.",
                               action.slot, action.pid, action.reason,
-                              format_duration(action.backoff_until - now))
+                              max(0.0, action.backoff_until - now))
             elif isinstance(action, Start):
                 log.info("starting %s: %s", action.slot, action.reason)
                 self._start(action.slot)

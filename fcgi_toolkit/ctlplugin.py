@@ -77,7 +77,9 @@ class FcgiControllerPlugin(ControllerPluginBase):
         if dep is None:
             return
         try:
-            group = status.gather(dep, self.ctl.get_supervisor())
+            group = status.gather(dep, self.ctl.get_supervisor(),
+                                  server_url=getattr(getattr(self.ctl, "options", None),
+                                                     "serverurl", None))
         except status.SupervisorUnavailable as exc:
             return self._fail("fcgi: %s" % exc, LSBInitExitStatuses.NOT_RUNNING)
         if as_json:

@@ -22,7 +22,7 @@ import tempfile
 from typing import Any, Optional
 
 from fcgi_toolkit import settings
-from fcgi_toolkit.settings import REGISTRY, REQUIRED, ConfigError, Setting
+from fcgi_toolkit.settings import REGISTRY, ConfigError, Setting
 
 IMPORT_TIMEOUT = 120.0
 

@@ -371,6 +371,7 @@ class Connection(fcgi_base.Connection):
         self.closed = False
         self.broken: Optional[str] = None
         self.current: Optional[tuple] = None   # (method, uri, start) while in the app
+        self._rbuf = bytearray()
         self._send_lock = threading.Lock()
 
     # -- job entry point (flup's ThreadPool calls run) -----------------------
@@ -420,6 +421,8 @@ class Connection(fcgi_base.Connection):
 
     def _wait_for_record(self) -> bool:
         """Wait for the next record.  False: close quietly (draining while idle)."""
+        if self._rbuf:
+            return True
         if not self._requests and self.server.draining:
             r, _, _ = select.select([self._sock], [], [], 0)
             return bool(r)
@@ -447,16 +450,20 @@ class Connection(fcgi_base.Connection):
             # draining started mid-record: wait again with the drain's timeout
 
     def _recv_exact(self, n: int) -> bytes:
-        buf = bytearray()
+        """n bytes from the connection's read buffer, refilled with large recv
+        calls (one recv usually brings a whole request's records)."""
+        buf = self._rbuf
         while len(buf) < n:
             self._wait_readable()
-            chunk = self._sock.recv(n - len(buf))
+            chunk = self._sock.recv(max(65536, n - len(buf)))
             if not chunk:
                 if buf:
                     raise ProtocolError("connection closed mid-record")
                 raise EOFError()
             buf += chunk
-        return bytes(buf)
+        out = bytes(buf[:n])
+        del buf[:n]
+        return out
 
     def read_record(self) -> fcgi_base.Record:
         """Read one record.  Unlike flup, formats no debug strings (bug 10) and
@@ -504,9 +511,10 @@ class Connection(fcgi_base.Connection):
         if self.broken:
             raise ResponseCut(self.broken)
         while not req.aborted:
-            r, _, _ = select.select([self._sock], [], [], 0)
-            if not r:
-                return
+            if not self._rbuf:
+                r, _, _ = select.select([self._sock], [], [], 0)
+                if not r:
+                    return
             try:
                 self.process_record()
             except EOFError:

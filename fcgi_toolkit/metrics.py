@@ -26,53 +26,26 @@ from __future__ import annotations
 
 import argparse
 import errno
-import ipaddress
 import logging
 import signal
 import sys
 import time
 import xmlrpc.client
-from typing import Any, Callable, Iterable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional
 
 from fcgi_toolkit import status as status_mod
+from fcgi_toolkit.settings import loopback_address
+
+if TYPE_CHECKING:
+    from fcgi_toolkit.settings import Deployment
 
 log = logging.getLogger("fcgi_toolkit.metrics")
-
-
-def loopback_address(value: str) -> tuple[str, int]:
-    """(host, port) to bind for ``metrics.listen``; ValueError unless it is loopback.
-
-    ``"9100"`` binds 127.0.0.1; ``"localhost:9100"`` too; IPv6 as ``"[::1]:9100"``.
-    """
-    if not value:
-        raise ValueError("metrics are off (empty); set metrics.listen to e.g. 127.0.0.1:9100")
-    host, sep, port_text = value.rpartition(":")
-    if not sep:
-        host, port_text = "127.0.0.1", value
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if host == "localhost":
-        host = "127.0.0.1"
-    try:
-        port = int(port_text)
-    except ValueError:
-        raise ValueError("expected host:port") from None
-    if not 0 < port < 65536:
-        raise ValueError("port out of range")
-    try:
-        loopback = ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        raise ValueError("give a loopback IP address (127.0.0.1 or [::1]), not a host name") from None
-    if not loopback:
-        raise ValueError("refusing to serve metrics on a non-loopback address; "
-                         "use 127.0.0.1:PORT or [::1]:PORT (put a proxy in front to publish them)")
-    return host, port
 
 
 class GroupCollector:
     """A prometheus_client collector: every scrape gathers a fresh status."""
 
-    def __init__(self, dep, rpc_factory: Callable[[], Any],
+    def __init__(self, dep: "Deployment", rpc_factory: Callable[[], Any],
                  gather: Callable[..., "status_mod.GroupStatus"] = status_mod.gather,
                  clock: Callable[[], float] = time.time):
         self.dep = dep
@@ -142,7 +115,7 @@ class GroupCollector:
         yield from (worker_ready, state, rss, requests, age, inflight, recycles)
 
 
-def make_registry(collector: GroupCollector):
+def make_registry(collector: GroupCollector) -> Any:
     """A registry holding only the group's collector (no process/platform series)."""
     from prometheus_client import CollectorRegistry
     registry = CollectorRegistry(auto_describe=False)

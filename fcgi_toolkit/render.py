@@ -160,6 +160,9 @@ def check_consistency(dep: Deployment) -> None:
     if not dep.socket_is_unix and dep.workers.socket_owner:
         raise ConfigError("%s: workers.socket_owner = %r: only a unix socket has an owner"
                           % (dep.path, dep.workers.socket_owner))
+    if dep.control.inet_port.startswith("["):
+        raise ConfigError("%s: control.inet_port = %r: supervisord's TCP control port is IPv4 only"
+                          % (dep.path, dep.control.inet_port))
     threads = dep.workers.count * dep.workers.threads
     if dep.nginx.keepalive and dep.nginx.keepalive >= threads:
         # A kept-alive idle connection pins one worker thread: with as many

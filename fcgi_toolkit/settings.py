@@ -12,6 +12,7 @@ section to supervisord.conf or nginx.conf.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
 import re
 import sys
@@ -223,6 +224,45 @@ def optional_listen_address(value: Any) -> str:
     return "" if value == "" else listen_address(value)
 
 
+def loopback_address(value: str) -> tuple[str, int]:
+    """(host, port) to bind for ``metrics.listen``; ValueError unless it is loopback.
+
+    ``"9100"`` binds 127.0.0.1; ``"localhost:9100"`` too; IPv6 as ``"[::1]:9100"``.
+    """
+    if not value:
+        raise ValueError("metrics are off (empty); set metrics.listen to e.g. 127.0.0.1:9100")
+    host, sep, port_text = value.rpartition(":")
+    if not sep:
+        host, port_text = "127.0.0.1", value
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if host == "localhost":
+        host = "127.0.0.1"
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ValueError("expected host:port") from None
+    if not 0 < port < 65536:
+        raise ValueError("port out of range")
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        raise ValueError("give a loopback IP address (127.0.0.1 or [::1]), not a host name") from None
+    if not loopback:
+        raise ValueError("refusing to serve metrics on a non-loopback address; "
+                         "use 127.0.0.1:PORT or [::1]:PORT (put a proxy in front to publish them)")
+    return host, port
+
+
+def metrics_address(value: Any) -> str:
+    """metrics.listen: "" (off) or a loopback "host:port"."""
+    _expect(str, value, 'an address like "127.0.0.1:9100"')
+    if value:
+        listen_address(value)
+        loopback_address(value)
+    return value
+
+
 def server_names(value: Any) -> str:
     _expect(str, value, "a string of server names")
     names = value.split(" ")
@@ -381,7 +421,7 @@ REGISTRY: tuple[Setting, ...] = (
     Setting("runtime", "templates", optional_path, "",
             "Directory of templates overriding the built-in ones (same file names)."),
     # [metrics]
-    Setting("metrics", "listen", optional_listen_address, "",
+    Setting("metrics", "listen", metrics_address, "",
             "Prometheus metrics address (loopback); empty: off."),
     # [control]
     Setting("control", "inet_port", optional_listen_address, "",

@@ -51,6 +51,7 @@ from fcgi_toolkit.scoreboard import Scoreboard, SlotRecord
 
 if TYPE_CHECKING:  # the sampler imports psutil: only when gathering
     from fcgi_toolkit.policy import SlotSnapshot
+    from fcgi_toolkit.settings import Deployment
 
 # Every value of WorkerView.state, in the order an operator reads them.
 STATES: dict[str, str] = {
@@ -341,22 +342,25 @@ def read_state(path: str) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def supervisor_proxy(dep) -> Any:
+def supervisor_proxy(dep: "Deployment") -> Any:
     """The ``supervisor`` XML-RPC namespace over the deployment's private unix socket."""
     from supervisor.xmlrpc import SupervisorTransport
     transport = SupervisorTransport(None, None, "unix://" + dep.control_socket)
     return xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport).supervisor
 
 
-def gather(dep, rpc: Any, now: Optional[float] = None,
-           process_factory: Optional[Callable[[int], Any]] = None) -> GroupStatus:
+def gather(dep: "Deployment", rpc: Any, now: Optional[float] = None,
+           process_factory: Optional[Callable[[int], Any]] = None,
+           server_url: Optional[str] = None) -> GroupStatus:
     """Read supervisord (``rpc`` is the ``supervisor`` namespace), the
     scoreboard, the state file and the OS; return the group's status.
 
     The per-slot sampling (psutil per pid, scoreboard liveness) is the
     watchdog's own :class:`fcgi_toolkit.sampler.Sampler`, so ``status``, the
     metrics and the watchdog see a worker the same way.
-    ``process_factory`` replaces ``psutil.Process`` (tests).
+    ``process_factory`` replaces ``psutil.Process`` (tests); ``server_url``
+    is where ``rpc`` connects, for the error message (default: the
+    deployment's control socket).
     Raises :class:`SupervisorUnavailable` when supervisord does not answer.
     """
     from fcgi_toolkit.policy import Limits
@@ -364,7 +368,7 @@ def gather(dep, rpc: Any, now: Optional[float] = None,
     try:
         infos = rpc.getAllProcessInfo()
     except OSError as exc:
-        raise SupervisorUnavailable(_unavailable_reason(dep, exc)) from None
+        raise SupervisorUnavailable(_unavailable_reason(dep, exc, server_url)) from None
     now = time.time() if now is None else now
     board = Scoreboard(dep.scoreboard_path, dep.slots)
     try:
@@ -378,8 +382,8 @@ def gather(dep, rpc: Any, now: Optional[float] = None,
                         snap.slots, read_state(dep.state_path), now)
 
 
-def _unavailable_reason(dep, exc: OSError) -> str:
-    where = "unix://" + dep.control_socket
+def _unavailable_reason(dep: "Deployment", exc: OSError, server_url: Optional[str]) -> str:
+    where = server_url or "unix://" + dep.control_socket
     if exc.errno in (errno.ENOENT, errno.ECONNREFUSED):
         return "supervisord is not running (%s: %s); start it with: fcgi-toolkit run -c %s" % (
             where, os.strerror(exc.errno), dep.path)

@@ -40,7 +40,7 @@ import tempfile
 import threading
 import time
 import xmlrpc.client
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Optional
 
 import psutil

@@ -207,9 +207,10 @@ def test_supervisorctl_loads_the_plugin_from_its_config(deploy, tmp_path):
     from supervisor.options import ClientOptions
     dep = settings.load(deploy)
     conf = tmp_path / "supervisord.conf"
+    elsewhere = tmp_path / "elsewhere.sock"
     conf.write_text("[supervisorctl]\nserverurl=unix://%s\n\n"
                     "[ctlplugin:fcgi]\nsupervisor.ctl_factory = fcgi_toolkit.ctlplugin:make_plugin\n"
-                    "deploy = %s\n" % (dep.control_socket, deploy))
+                    "deploy = %s\n" % (elsewhere, deploy))
     options = ClientOptions()
     options.realize(args=["-c", str(conf)])
     out = []
@@ -222,6 +223,7 @@ def test_supervisorctl_loads_the_plugin_from_its_config(deploy, tmp_path):
     controller.onecmd("fcgi status")
     text = "".join(out)
     assert "supervisord is not running" in text
+    assert "unix://%s" % elsewhere in text       # where supervisorctl connects (-s applies)
     assert controller.exitstatus == LSBInitExitStatuses.NOT_RUNNING
 
     out.clear()

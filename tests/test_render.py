@@ -138,6 +138,13 @@ def test_tcp_socket_with_owner_is_refused(tmp_path):
         render.render_all(dep, USER_HOST, dep.runtime_dir)
 
 
+def test_ipv6_control_port_is_refused(tmp_path):
+    # supervisor's inet_http_server binds AF_INET only.
+    dep = deployment(tmp_path, control={"inet_port": "[::1]:9001", "username": "a", "password": "b"})
+    with pytest.raises(ConfigError, match="control.inet_port"):
+        render.render_all(dep, USER_HOST, dep.runtime_dir)
+
+
 def test_keepalive_needs_spare_threads(tmp_path):
     dep = deployment(tmp_path, nginx={"keepalive": 2}, workers={"count": 2, "threads": 1})
     with pytest.raises(ConfigError, match="nginx.keepalive = 2"):

@@ -1,6 +1,7 @@
 """Reload test app: its version string is read once, at import, from a file.
 
-The file is ``$WD_VERSION_FILE`` (set through ``app.environment``).  If the
+The file is ``$WD_VERSION_FILE`` if set, else ``version.txt`` next to the
+deployment file (``$FCGI_TOOLKIT_DEPLOY``, set by the template).  If the
 file says ``broken``, the import fails with an ImportError, as a bad deploy
 would.  ``/`` answers "version V PID".
 """
@@ -8,7 +9,10 @@ from __future__ import annotations
 
 import os
 
-with open(os.environ["WD_VERSION_FILE"], encoding="utf-8") as _f:
+_PATH = os.environ.get("WD_VERSION_FILE") or os.path.join(
+    os.path.dirname(os.environ["FCGI_TOOLKIT_DEPLOY"]), "version.txt")
+
+with open(_PATH, encoding="utf-8") as _f:
     VERSION = _f.read().strip()
 
 if VERSION == "broken":

@@ -1,0 +1,171 @@
+"""The benchmark suite cannot rot: its parsers are tested with plain values,
+and a short smoke run (``python -m bench.run --smoke``) runs for real.
+
+Timings are printed, never asserted: this machine is shared and noisy.
+Outcomes are asserted: the suite writes its table, JSON and verdicts, and
+our reload drops no request.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from bench import nginx, report, wrk  # noqa: E402
+from bench.scenario import add_ratios, ratio  # noqa: E402
+from bench.scenario_reload import dip  # noqa: E402
+
+WRK_OUTPUT = """\
+Running 5s test @ http://127.0.0.1:8080/
+  2 threads and 8 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency     1.23ms  456.00us  12.00ms   90.00%
+    Req/Sec     3.00k   200.00     3.50k    70.00%
+  Latency Distribution
+     50%  812.00us
+     75%    1.30ms
+     90%    1.50ms
+     99%    2.10s
+  30012 requests in 5.00s, 4.00MB read
+  Socket errors: connect 1, read 2, write 3, timeout 4
+  Non-2xx or 3xx responses: 12
+Requests/sec:   6002.40
+Transfer/sec:    800.00KB
+"""
+
+
+# -- tier 1: pure ------------------------------------------------------------
+
+def test_parse_wrk_output():
+    r = wrk.parse(WRK_OUTPUT)
+    assert r.requests == 30012
+    assert r.duration == 5.0
+    assert r.rps == 6002.40
+    assert r.p50 == pytest.approx(812e-6)
+    assert r.p90 == pytest.approx(1.5e-3)
+    assert r.p99 == pytest.approx(2.1)
+    assert (r.connect_errors, r.read_errors, r.write_errors, r.timeouts) == (1, 2, 3, 4)
+    assert r.non_2xx == 12
+    assert r.failed == 22
+    assert r.as_dict()["failed"] == 22
+
+
+def test_parse_clean_wrk_output_has_no_failures():
+    text = "\n".join(line for line in WRK_OUTPUT.splitlines()
+                     if not line.lstrip().startswith(("Socket errors", "Non-2xx")))
+    assert wrk.parse(text).failed == 0
+
+
+def test_parse_refuses_output_without_latency_distribution():
+    text = "\n".join(line for line in WRK_OUTPUT.splitlines() if "%  " not in line)
+    with pytest.raises(wrk.WrkError):
+        wrk.parse(text)
+
+
+def test_wrk_targets_only_loopback():
+    assert "http://127.0.0.1:1/" in wrk.command("http://127.0.0.1:1/", 2)
+    with pytest.raises(ValueError):
+        wrk.command("http://10.0.0.1:80/", 2)
+    with pytest.raises(ValueError):
+        wrk.command("http://example.com/", 2)
+
+
+def test_nginx_config_points_at_the_contender_socket(tmp_path):
+    text = nginx.render(str(tmp_path), 8123, "/tmp/x/app.sock", keepalive=8, access_log=True)
+    assert "listen 127.0.0.1:8123;" in text
+    assert "server unix:/tmp/x/app.sock;" in text
+    assert "keepalive 8;" in text and "fastcgi_keep_conn on;" in text
+    assert "access.log bench" in text
+    plain = nginx.render(str(tmp_path), 8123, "/tmp/x/app.sock")
+    assert "keepalive 8" not in plain and "access_log off;" in plain
+
+
+def test_timeline_bins_statuses(tmp_path):
+    log = tmp_path / "access.log"
+    log.write_text("100.1 200 0.001\n100.9 502 0.001\n101.5 200 0.001\n103.2 200 0.0\nbad line\n")
+    bins = nginx.timeline(str(log), 100.0, 103.0)
+    assert bins == [{"t": 0.0, "ok": 1, "failed": 1}, {"t": 1.0, "ok": 1, "failed": 0},
+                    {"t": 2.0, "ok": 0, "failed": 0}]
+
+
+def test_ratios_are_against_the_named_baseline():
+    rows = [{"contender": "a", "rps": 50.0}, {"contender": "base", "rps": 100.0},
+            {"contender": "c", "rps": None}]
+    add_ratios(rows, "base", "rps")
+    assert [r["ratio"] for r in rows] == [0.5, 1.0, None]
+    assert ratio(1.0, 0) is None
+
+
+def test_dip_is_worst_second_during_reload_over_normal():
+    timeline = [{"t": float(t), "ok": 100, "failed": 0} for t in range(10)]
+    timeline[6]["ok"] = 40
+    marks = [{"start": 1005.5, "end": 1007.0}]
+    assert dip(timeline, 1000.0, marks) == 0.4
+    assert dip(timeline, 1000.0, []) is None
+
+
+def test_verdicts_and_markdown():
+    def res(name, rows):
+        return {"name": name, "title": name, "baseline": "b", "rows": rows, "skipped": {"x": "why"},
+                "notes": ["n"], "series": {}, "seconds": 1.0,
+                "columns": [["contender", "contender", "s"], ["failed", "failed", "d"]]}
+    doc = {"command": "python -m bench.run", "smoke": False,
+           "environment": {k: "v" for k in ("date", "machine", "python", "fcgi-toolkit", "flup6",
+                                             "supervisor", "superlance", "uwsgi", "nginx", "wrk")},
+           "scenarios": [res("recycle", [{"contender": "ours x", "failed": 0}]),
+                         res("reload", [{"contender": "ours y", "failed": 2}]),
+                         res("leak", [{"contender": "ours z", "failed": 0}]),
+                         res("throughput", [{"contender": "ours", "ratio": 0.99, "failed": 0}])]}
+    v = report.verdicts(doc["scenarios"])
+    assert v[report.GOALS[0]] == "NOT met (2 failed)"
+    assert v[report.GOALS[1]].startswith("met")
+    assert v[report.GOALS[2]] == "not measured"
+    doc["goals"] = v
+    md = report.markdown(doc)
+    assert "| ours y | 2 |" in md and "skipped x: why" in md
+
+
+# -- tier 3: the suite runs for real -----------------------------------------
+
+needs_tools = pytest.mark.skipif(
+    not (shutil.which("nginx") or os.path.exists("/usr/sbin/nginx")) or not shutil.which("wrk"),
+    reason="nginx or wrk is not installed")
+
+
+@pytest.mark.integration
+@needs_tools
+def test_smoke_run_writes_table_json_and_drops_nothing_on_reload(tmp_path):
+    out = tmp_path / "results"
+    cmd = [sys.executable, "-m", "bench.run", "--smoke", "--scenario", "throughput",
+           "--scenario", "reload", "--contenders", "ours,flup", "--out", str(out)]
+    t = time.monotonic()
+    proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, timeout=240)
+    took = time.monotonic() - t
+    print("bench smoke took %.1f s" % took)
+    print(proc.stdout[-4000:])
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    doc = json.loads((out / "results.json").read_text())
+    assert (out / "results.md").exists()
+    by = {s["name"]: s for s in doc["scenarios"]}
+    assert set(by) == {"throughput", "reload"}
+    tp = {r["contender"]: r for r in by["throughput"]["rows"]}
+    assert set(tp) >= {"flup", "ours"}, by["throughput"]["skipped"]
+    assert tp["flup"]["ratio"] == 1.0
+    for row in tp.values():
+        assert row["rps"] > 0 and row["failed"] == 0, row
+    print("smoke ratio ours/flup (hello, 1 s, not a result): %.3f" % tp["ours"]["ratio"])
+    reload = {r["contender"]: r for r in by["reload"]["rows"]}
+    assert "ours reload" in reload, by["reload"]["skipped"]
+    ours = reload["ours reload"]
+    assert ours["replaced"] == "yes", ours
+    assert ours["failed"] == 0, ours
+    assert ours["requests"] > 0
