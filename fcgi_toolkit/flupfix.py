@@ -34,7 +34,7 @@ from flup.server import fcgi, fcgi_base
 from flup.server.fcgi_base import (
     FCGI_ABORT_REQUEST, FCGI_BEGIN_REQUEST, FCGI_CANT_MPX_CONN, FCGI_DATA,
     FCGI_END_REQUEST, FCGI_GET_VALUES, FCGI_GET_VALUES_RESULT, FCGI_KEEP_CONN,
-    FCGI_NULL_REQUEST_ID, FCGI_PARAMS, FCGI_REQUEST_COMPLETE, FCGI_RESPONDER,
+    FCGI_NULL_REQUEST_ID, FCGI_PARAMS, FCGI_REQUEST_COMPLETE,
     FCGI_STDERR, FCGI_STDIN, FCGI_STDOUT, FCGI_UNKNOWN_ROLE, FCGI_UNKNOWN_TYPE,
     FCGI_VERSION_1,
 )
@@ -455,7 +455,10 @@ class Connection(fcgi_base.Connection):
         buf = self._rbuf
         while len(buf) < n:
             self._wait_readable()
-            chunk = self._sock.recv(max(65536, n - len(buf)))
+            try:
+                chunk = self._sock.recv(max(65536, n - len(buf)))
+            except (BlockingIOError, InterruptedError):
+                continue
             if not chunk:
                 if buf:
                     raise ProtocolError("connection closed mid-record")
@@ -595,7 +598,22 @@ class Connection(fcgi_base.Connection):
             raise OSError(errno.EBADF, "connection closed")
         data = encode_record(rtype, request_id, content)
         with self._send_lock:
-            self._sock.sendall(data)
+            self._sendall(data)
+
+    def _sendall(self, data: bytes) -> None:
+        """Send everything; the socket is non-blocking, so wait for room with
+        select and give up after the idle timeout without progress."""
+        view = memoryview(data)
+        sock = self._sock
+        while view:
+            try:
+                sent = sock.send(view)
+            except (BlockingIOError, InterruptedError):
+                _, w, _ = select.select([], [sock], [], self.server.idle_timeout or None)
+                if not w:
+                    raise socket.timeout("send timed out")
+                continue
+            view = view[sent:]
 
     def writeRecord(self, rec) -> None:  # flup's API, kept for its callers
         self.send_record(rec.type, rec.requestId, rec.contentData)
@@ -709,8 +727,10 @@ class WSGIServer(fcgi.WSGIServer):
 
     def connection_done(self, conn: Connection) -> None:
         with self._lock:
+            was_full = len(self._connections) >= self.threads
             self._connections.discard(conn)
-        self.wake()
+        if was_full or self.draining:
+            self.wake()   # the main loop waits for a free thread, or drains
 
     def _busy(self) -> int:
         with self._lock:
@@ -764,7 +784,7 @@ class WSGIServer(fcgi.WSGIServer):
             log.warning("refusing FastCGI connection from %s: not in FCGI_WEB_SERVER_ADDRS", addr[0])
             sock.close()
             return
-        configure_client_socket(sock, family, self.idle_timeout)
+        configure_client_socket(sock, family)
         conn = self._connectionClass(sock, addr, self)
         with self._lock:
             self._connections.add(conn)
@@ -944,14 +964,11 @@ def sanitize_environ(environ: dict) -> None:
         environ.setdefault(name, default)
 
 
-def configure_client_socket(sock: socket.socket, family: int, timeout: float) -> None:
-    """Per-connection socket options: TCP_NODELAY on TCP (flup set none, bug 8)
-    and a send timeout so a stuck peer cannot hold a thread forever."""
+def configure_client_socket(sock: socket.socket, family: int) -> None:
+    """Per-connection socket options: TCP_NODELAY on TCP (flup set none, bug 8).
+    Non-blocking: every wait is our own select with the idle timeout, so a
+    stuck peer cannot hold a thread forever.  (Python sockets are created
+    close-on-exec already.)"""
     if family in (socket.AF_INET, socket.AF_INET6):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.settimeout(timeout if timeout > 0 else None)
-    fcgi_base_set_cloexec(sock)
-
-
-def fcgi_base_set_cloexec(sock: socket.socket) -> None:
-    sock.set_inheritable(False)
+    sock.setblocking(False)

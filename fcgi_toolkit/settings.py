@@ -414,9 +414,9 @@ REGISTRY: tuple[Setting, ...] = (
     Setting("nginx", "binary", optional_path, "",
             "nginx executable for a managed nginx; empty: found on PATH."),
     # [runtime]
-    Setting("runtime", "dir", safe_path, "",
+    Setting("runtime", "dir", optional_path, "",
             "Rendered configs, socket, pid files, scoreboard; empty: .fcgi-toolkit/<name>, relative to the deployment file."),
-    Setting("runtime", "log_dir", safe_path, "",
+    Setting("runtime", "log_dir", optional_path, "",
             "Log directory; empty: <runtime.dir>/log."),
     Setting("runtime", "templates", optional_path, "",
             "Directory of templates overriding the built-in ones (same file names)."),
@@ -585,9 +585,9 @@ def parse(data: Mapping[str, Any], path: str) -> Deployment:
         if setting.name not in values[setting.section]:
             if setting.default is REQUIRED:
                 raise _error(path, setting.key, "", "required key is missing")
-            default = setting.default
-            values[setting.section][setting.name] = (
-                type(default)(default) if isinstance(default, (dict, list)) else default)
+            # Defaults go through the converter too, so a value has one type
+            # whether it was written or defaulted.
+            values[setting.section][setting.name] = setting.convert(setting.default)
 
     # Derived defaults and paths made absolute.
     app, workers, runtime, nginx, recycle = (values[s] for s in ("app", "workers", "runtime", "nginx", "recycle"))
@@ -638,11 +638,18 @@ def load(path: str) -> Deployment:
     return parse(data, path)
 
 
+def _rst_escape(text: str) -> str:
+    """Help text as plain reStructuredText: no markup characters take effect."""
+    for ch in "\\*_`|[]":
+        text = text.replace(ch, "\\" + ch)
+    return text
+
+
 def settings_table() -> str:
     """The README's settings table (reStructuredText list-table), from the registry."""
     lines = [".. list-table::", "   :header-rows: 1", "   :widths: 25 20 55", "",
              "   * - Key", "     - Default", "     - Meaning"]
     for s in REGISTRY:
         default = "(required)" if s.default is REQUIRED else repr(s.default)
-        lines += ["   * - ``%s``" % s.key, "     - ``%s``" % default, "     - %s" % s.help]
+        lines += ["   * - ``%s``" % s.key, "     - ``%s``" % default, "     - %s" % _rst_escape(s.help)]
     return "\n".join(lines) + "\n"

@@ -28,7 +28,7 @@ import signal
 import socket
 import sys
 import traceback
-from typing import Callable, Optional
+from typing import Callable
 
 from fcgi_toolkit import settings
 

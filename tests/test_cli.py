@@ -163,8 +163,6 @@ def test_readme_keeps_the_setup_commands():
            "&& pip install tox && tox\n" in readme
 
 
-@pytest.mark.xfail(strict=True, reason=".ci/run's awk reads the '::' line, not the command: "
-                                       "needs a fix in .ci/run (reported to the lead)")
 def test_ci_runs_the_readme_test_command():
     with open(os.path.join(REPO, ".ci", "run"), encoding="utf-8") as f:
         program = re.search(r"awk '([^']*)' README.rst", f.read()).group(1)
@@ -173,9 +171,6 @@ def test_ci_runs_the_readme_test_command():
                                 "&& pip install tox && tox")
 
 
-@pytest.mark.xfail(strict=True, reason="settings.settings_table() puts help text such as "
-                                       "'[a-z][a-z0-9_]*' into RST unquoted (a reference error); "
-                                       "needs a fix in settings.py (reported to the lead)")
 def test_readme_is_valid_restructuredtext():
     docutils_core = pytest.importorskip("docutils.core")
     with open(os.path.join(REPO, "README.rst"), encoding="utf-8") as f:

@@ -7,7 +7,6 @@ for the fixed bugs are expected to fail; every socket operation is bounded, so
 they fail by timeout instead of hanging.
 """
 import os
-import signal
 import socket
 import struct
 import sys
