@@ -107,6 +107,10 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     configure_logging("%s_%02d" % (dep.app.name, args.slot))
     faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
+    # A stop signal during the app import must not kill us mid-way: remember it.
+    early_stop: list = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: early_stop.append(signum))
 
     try:
         listener = inherited_listener(0)
@@ -128,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
             log.error("cannot import the application %s:\n%s", dep.app.wsgi,
                       traceback.format_exc().rstrip())
             return EXIT_IMPORT
-        code = serve(app, listener, dep, slot)
+        code = serve(app, listener, dep, slot, stop_requested=bool(early_stop))
     finally:
         slot.clear()
         logging.shutdown()
@@ -139,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
     return code
 
 
-def serve(app: Callable, listener: socket.socket, dep, slot) -> int:
+def serve(app: Callable, listener: socket.socket, dep, slot, stop_requested: bool = False) -> int:
     """Serve until SIGTERM/SIGINT, then drain; returns the exit status."""
     from fcgi_toolkit.flupfix import WSGIServer
 
@@ -154,6 +158,8 @@ def serve(app: Callable, listener: socket.socket, dep, slot) -> int:
 
     previous = {sig: signal.signal(sig, on_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     old_wakeup = signal.set_wakeup_fd(server.wake_fd, warn_on_full_buffer=False)
+    if stop_requested:
+        server.request_stop()
 
     def on_ready() -> None:
         slot.set_ready()

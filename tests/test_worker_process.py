@@ -233,3 +233,21 @@ def test_tcp_nodelay_on_accepted_connections():
         thread.join(10)
         listener.close()
     assert result.get("rc") == 0
+
+
+def test_sigterm_during_app_import_drains_and_exits_0(tmp_path):
+    listener = fc.Listener(tmp_path)
+    deploy = fc.write_deploy(tmp_path, wsgi="w_slowimport:application")
+    w = fc.WorkerProcess(deploy, listener, kind="ours")
+    try:
+        assert w.wait_log("w_slowimport: importing", 10)   # inside the 1.5 s import
+        w.terminate()
+        assert w.wait(15) == 0
+        assert "drained" in w.log()
+        dep = settings.load(deploy)
+        board = Scoreboard(dep.scoreboard_path, dep.slots)
+        assert board.read(0) is None
+        board.close()
+    finally:
+        w.stop()
+        listener.close()
