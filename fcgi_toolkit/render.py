@@ -1,9 +1,20 @@
 """The renderer: deployment -> supervisord.conf, nginx.conf, nginx-site.conf.
 
-Command ``render -c deploy.toml [-o DIR]``.  Rendering is all or nothing:
-every file is rendered in memory first, then each is written to a temporary
-file in DIR and moved into place with ``os.replace``; on any error no file
-is written.
+Command ``render -c deploy.toml [-o DIR] [--host NAME]``.  Rendering is all
+or nothing: every file is rendered in memory first, then each is written to
+a temporary file in DIR and moved into place with ``os.replace``; on any
+error no file is written.
+
+Several hosts (``[[hosts]]`` in the deployment file):
+
+* without ``--host``: the web server's files, ``DIR/nginx-site.conf`` (one
+  upstream with every host) and ``DIR/nginx.conf``, plus every host's
+  ``DIR/<host>/supervisord.conf``.  With the default DIR (runtime.dir) each
+  host's file lands in that host's own runtime dir, where ``fcgi-toolkit
+  run`` on that host (FCGI_TOOLKIT_HOST=<host>) expects it.
+* ``--host NAME``: that host's ``supervisord.conf`` only, into DIR (default:
+  the host's runtime dir, ``<runtime.dir>/<host>``).  Host configs never run
+  nginx: nginx runs on the web server.
 
 Templates are jinja2 with StrictUndefined (a missing variable is an error,
 never an empty string).  They are looked up in ``runtime.templates`` first
@@ -151,8 +162,16 @@ def context(dep: Deployment, host: Host, conf_dir: str) -> dict:
                           for prefix, directory in sorted(dep.nginx.static.items())],
         connect_timeout=nginx_duration(dep.nginx.connect_timeout),
         read_timeout=nginx_duration(dep.nginx.read_timeout),
+        upstream_servers=[upstream_server_line(h) for h in dep.hosts],
     )
     return ctx
+
+
+def upstream_server_line(spec: settings.HostSpec) -> str:
+    """The nginx ``server`` parameters of one host: address, failure detection, backup."""
+    line = "%s max_fails=%d fail_timeout=%s" % (spec.address, spec.max_fails,
+                                                 nginx_duration(spec.fail_timeout))
+    return line + " backup" if spec.backup else line
 
 
 def check_consistency(dep: Deployment) -> None:
@@ -163,29 +182,63 @@ def check_consistency(dep: Deployment) -> None:
     if dep.control.inet_port.startswith("["):
         raise ConfigError("%s: control.inet_port = %r: supervisord's TCP control port is IPv4 only"
                           % (dep.path, dep.control.inet_port))
-    threads = dep.workers.count * dep.workers.threads
+    if dep.nginx.web_servers and dep.socket_is_unix:
+        raise ConfigError("%s: nginx.web_servers = %r: the allow-list applies to TCP sockets only; "
+                          "a unix socket is guarded by workers.socket_mode"
+                          % (dep.path, dep.nginx.web_servers))
+    # nginx's keepalive cache is per nginx worker process and shared by
+    # every server of the upstream: its idle connections may all end up on
+    # the smallest host, so that host bounds it.
+    counts = [h.count for h in dep.hosts] or [dep.workers.count]
+    threads = min(counts) * dep.workers.threads
     if dep.nginx.keepalive and dep.nginx.keepalive >= threads:
         # A kept-alive idle connection pins one worker thread: with as many
         # idle connections as threads, nginx worker processes that hold none
         # of them wait in the socket backlog until workers.idle_timeout.
         raise ConfigError("%s: nginx.keepalive = %d: each idle kept-alive connection pins a worker "
-                          "thread; keep it below workers.count * workers.threads = %d (or 0)"
-                          % (dep.path, dep.nginx.keepalive, threads))
+                          "thread; keep it below %sworkers.count * workers.threads = %d (or 0)"
+                          % (dep.path, dep.nginx.keepalive,
+                             "the smallest host's " if dep.hosts else "", threads))
 
 
-def render_all(dep: Deployment, host: Host, conf_dir: str) -> dict[str, str]:
-    """Every file, rendered in memory: {file name: text}.  Writes nothing."""
+#: The files of each view of a multi-host file (see the module docstring).
+WEB_SERVER_FILES = ("nginx.conf", "nginx-site.conf")
+HOST_FILES = ("supervisord.conf",)
+
+
+def _render_files(dep: Deployment, host: Host, conf_dir: str, names) -> dict[str, str]:
     import jinja2
 
-    check_consistency(dep)
     env = environment(dep.runtime.templates)
     ctx = context(dep, host, conf_dir)
     out = {}
-    for filename, template in FILES.items():
+    for filename in names:
+        template = FILES[filename]
         try:
             out[filename] = env.get_template(template).render(ctx)
         except jinja2.TemplateError as exc:
             raise ConfigError("%s: template %s: %s" % (dep.path, template, exc)) from None
+    return out
+
+
+def render_all(dep: Deployment, host: Host, conf_dir: str) -> dict[str, str]:
+    """Every file, rendered in memory: {path relative to conf_dir: text}.  Writes nothing.
+
+    One machine: supervisord.conf, nginx.conf, nginx-site.conf.  A host view
+    of a ``[[hosts]]`` file: supervisord.conf.  The front view: the nginx
+    files and ``<host>/supervisord.conf`` for every host.
+    """
+    check_consistency(dep)
+    if not dep.multi_host:
+        return _render_files(dep, host, conf_dir, FILES)
+    if dep.host is not None:
+        return _render_files(dep, host, conf_dir, HOST_FILES)
+    out = _render_files(dep, host, conf_dir, WEB_SERVER_FILES)
+    for name in dep.host_names():
+        view = dep.for_host(name)
+        check_consistency(view)
+        for filename, text in _render_files(view, host, os.path.join(conf_dir, name), HOST_FILES).items():
+            out[name + "/" + filename] = text
     return out
 
 
@@ -199,8 +252,12 @@ def write_atomic(files: Mapping[str, str], directory: str, mode: int = 0o644) ->
     pending: list[tuple[str, str]] = []
     try:
         for filename, text in files.items():
-            fd, tmp = tempfile.mkstemp(prefix="." + filename + ".", suffix=".tmp", dir=directory)
-            pending.append((tmp, os.path.join(directory, filename)))
+            # A name may have a subdirectory ("web1/supervisord.conf").
+            final = os.path.join(directory, filename)
+            target_dir, base = os.path.split(final)
+            os.makedirs(target_dir, mode=0o755, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix="." + base + ".", suffix=".tmp", dir=target_dir)
+            pending.append((tmp, final))
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 f.write(text)
             os.chmod(tmp, mode)
@@ -229,10 +286,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-c", "--config", default="deploy.toml", help="deployment file (default: %(default)s)")
     parser.add_argument("-o", "--output", default=None,
                         help="output directory (default: the deployment's runtime dir)")
+    parser.add_argument("--host", default=None, metavar="NAME",
+                        help="with [[hosts]]: render only this host's supervisord.conf "
+                             "(default: the nginx files and every host's DIR/NAME/supervisord.conf)")
 
 
 def run(args: argparse.Namespace) -> int:
-    dep = settings.load(args.config)
+    # Without --host, FCGI_TOOLKIT_HOST (if set) selects the host, as for
+    # every other command.
+    dep = settings.load(args.config, host=args.host)
     for path in render(dep, args.output):
         print(path)
     return 0

@@ -18,7 +18,7 @@ import re
 import sys
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Optional
 
 from supervisor.datatypes import SuffixMultiplier, boolean, byte_size, octal_type
 
@@ -311,6 +311,47 @@ def plain_text(value: Any) -> str:
     return value
 
 
+def ip_literal(value: Any) -> str:
+    """An IP address literal, returned in canonical form ("::1", "10.0.0.5")."""
+    _expect(str, value, "an IP address")
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise ValueError("expected an IP address (a host name could resolve to anything)") from None
+
+
+def ip_list(value: Any) -> list:
+    """A list of IP address literals, canonical, in the order given."""
+    _expect(list, value, 'a list of IP addresses like ["10.0.0.5"]')
+    out = []
+    for item in value:
+        try:
+            out.append(ip_literal(item))
+        except ValueError as exc:
+            raise ValueError("%r: %s" % (item, exc)) from None
+    return out
+
+
+def host_address(value: Any) -> str:
+    """A host's worker socket, "IPv4:port": a specific address, never a wildcard.
+
+    IPv4 only because supervisord's ``tcp://`` sockets are AF_INET.
+    """
+    _expect(str, value, 'an address like "10.0.0.11:9000"')
+    ip_text, sep, port_text = value.rpartition(":")
+    if not sep or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError('expected "IPv4:port", like "10.0.0.11:9000"')
+    try:
+        ip = ipaddress.ip_address(ip_text)
+    except ValueError:
+        raise ValueError("expected an IPv4 address, not a host name") from None
+    if ip.version != 4:
+        raise ValueError("supervisord binds tcp:// sockets on IPv4 only")
+    if ip.is_unspecified:
+        raise ValueError("0.0.0.0 would listen on every interface; give the host's own address")
+    return "%s:%d" % (ip, int(port_text))
+
+
 # --------------------------------------------------------------------------
 # The registry.
 # --------------------------------------------------------------------------
@@ -411,6 +452,9 @@ REGISTRY: tuple[Setting, ...] = (
             "fastcgi_read_timeout / fastcgi_send_timeout."),
     Setting("nginx", "client_max_body_size", size, 16 * 1024 * 1024,
             "Largest request body nginx accepts."),
+    Setting("nginx", "web_servers", ip_list, [],
+            "IP addresses nginx connects to the workers from: workers on a TCP socket accept no one else "
+            "(FCGI_WEB_SERVER_ADDRS); required with [[hosts]]; empty: any peer.", ["10.0.0.5"]),
     Setting("nginx", "binary", optional_path, "",
             "nginx executable for a managed nginx; empty: found on PATH."),
     # [runtime]
@@ -432,8 +476,52 @@ REGISTRY: tuple[Setting, ...] = (
             "Password for the TCP control port."),
 )
 
+#: Keys of one ``[[hosts]]`` table (several machines running the same worker
+#: group behind one nginx).  A default of None is derived: ``count`` from
+#: workers.count.
+HOST_REGISTRY: tuple[Setting, ...] = (
+    Setting("hosts", "name", name, REQUIRED,
+            "The host's name, [a-z][a-z0-9_]*: `render --host NAME`, FCGI_TOOLKIT_HOST.", "web1"),
+    Setting("hosts", "address", host_address, REQUIRED,
+            'The host\'s worker socket, "IPv4:port" of its own interface (never 0.0.0.0).',
+            "10.0.0.11:9000"),
+    Setting("hosts", "count", positive_int, None,
+            "Workers serving on this host; default workers.count."),
+    Setting("hosts", "backup", boolean_value, False,
+            "nginx sends requests here only while every other host is failed."),
+    Setting("hosts", "max_fails", non_negative_int, 1,
+            "Failed attempts (refused, reset, timed out) within fail_timeout that take the host out of rotation."),
+    Setting("hosts", "fail_timeout", seconds, 10.0,
+            "How long a failed host stays out of rotation before nginx tries it again."),
+)
+
+#: The environment variable naming the host a process belongs to.  Each
+#: host's supervisord.conf sets it for every child (worker, watchdog,
+#: metrics), so that ``load`` returns that host's view of the file.
+HOST_ENV = "FCGI_TOOLKIT_HOST"
+
 SECTIONS: tuple[str, ...] = tuple(dict.fromkeys(s.section for s in REGISTRY))
 _BY_KEY = {(s.section, s.name): s for s in REGISTRY}
+_HOST_KEYS = {s.name: s for s in HOST_REGISTRY}
+
+
+@dataclass(frozen=True)
+class HostSpec:
+    """One ``[[hosts]]`` entry, validated."""
+    name: str
+    address: str          # "IPv4:port", the host's worker socket
+    count: int
+    backup: bool
+    max_fails: int
+    fail_timeout: float   # seconds
+
+    @property
+    def ip(self) -> str:
+        return self.address.rpartition(":")[0]
+
+    @property
+    def port(self) -> int:
+        return int(self.address.rpartition(":")[2])
 
 
 class Section(Mapping):
@@ -460,9 +548,21 @@ class Section(Mapping):
 
 @dataclass(frozen=True)
 class Deployment:
-    """A validated deployment file with every path made absolute."""
+    """A validated deployment file with every path made absolute.
+
+    With ``[[hosts]]`` there are two views of one file.  The *front* view
+    (``host`` is None) is what the web server needs: every host, the nginx
+    settings, runtime.dir for nginx's own files.  A *host* view
+    (:meth:`for_host`, or ``load`` with FCGI_TOOLKIT_HOST set) is one machine
+    as if it were a single-host file: workers.count is the host's count,
+    workers.socket its ``tcp://address``, runtime.dir and runtime.log_dir
+    get a ``/<host>`` subdirectory (so hosts never share a scoreboard or a
+    control socket, even on one machine).
+    """
     path: str
     sections: Mapping[str, Section] = field(repr=False)
+    hosts: tuple = ()                       # tuple[HostSpec, ...]
+    host: Optional[HostSpec] = None         # the selected host (host view)
 
     def __getattr__(self, item: str) -> Section:
         try:
@@ -528,6 +628,21 @@ class Deployment:
     def python(self) -> str:
         return self.app.python
 
+    @property
+    def multi_host(self) -> bool:
+        return bool(self.hosts)
+
+    def host_names(self) -> list[str]:
+        return [h.name for h in self.hosts]
+
+    def for_host(self, host_name: str) -> "Deployment":
+        """The view of one ``[[hosts]]`` entry (see the class docstring)."""
+        if self.host is not None:
+            if host_name == self.host.name:
+                return self
+            raise ValueError("%s is already the view of host %s" % (self.path, self.host.name))
+        return _host_view(self, host_name, "host")
+
     def context(self) -> dict:
         """The template context: every setting by section, plus derived values."""
         ctx: dict[str, Any] = {section: self.sections[section] for section in SECTIONS}
@@ -545,6 +660,10 @@ class Deployment:
             socket_is_unix=self.socket_is_unix,
             socket_path=self.socket_path,
             python=self.python,
+            hosts=self.hosts,
+            host=self.host,
+            multi_host=self.multi_host,
+            web_server_addrs=",".join(self.nginx.web_servers),
         )
         return ctx
 
@@ -557,12 +676,72 @@ def _resolve(base: str, value: str) -> str:
     return value if os.path.isabs(value) else os.path.normpath(os.path.join(base, value))
 
 
-def parse(data: Mapping[str, Any], path: str) -> Deployment:
-    """Validate already-parsed TOML ``data`` read from ``path``."""
+def _parse_hosts(raw: Any, path: str, workers_count: int) -> tuple:
+    """The ``[[hosts]]`` array: a tuple of HostSpec (empty without hosts)."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or not raw or not all(isinstance(t, dict) for t in raw):
+        raise _error(path, "hosts", raw, "expected one [[hosts]] table per host (an array of tables)")
+    out = []
+    for i, table in enumerate(raw):
+        prefix = "hosts[%d]" % i
+        typed: dict[str, Any] = {}
+        for key, value in table.items():
+            setting = _HOST_KEYS.get(key)
+            if setting is None:
+                close = difflib.get_close_matches(key, list(_HOST_KEYS), n=1)
+                hint = "; did you mean %s.%s?" % (prefix, close[0]) if close else \
+                    "; known keys: %s" % ", ".join(_HOST_KEYS)
+                raise _error(path, "%s.%s" % (prefix, key), value, "unknown key" + hint)
+            try:
+                typed[key] = setting.convert(value)
+            except ValueError as exc:
+                raise _error(path, "%s.%s" % (prefix, key), value, str(exc)) from None
+        for setting in HOST_REGISTRY:
+            if setting.name in typed:
+                continue
+            if setting.default is REQUIRED:
+                raise _error(path, "%s.%s" % (prefix, setting.name), "", "required key is missing")
+            typed[setting.name] = workers_count if setting.default is None else setting.convert(setting.default)
+        for earlier in out:
+            for key in ("name", "address"):
+                if getattr(earlier, key) == typed[key]:
+                    raise _error(path, "%s.%s" % (prefix, key), typed[key],
+                                 "host %s has the same %s" % (earlier.name, key))
+        out.append(HostSpec(**typed))
+    if all(h.backup for h in out):
+        raise _error(path, "hosts[0].backup", True, "every host is a backup; at least one must serve")
+    return tuple(out)
+
+
+def _host_view(front: Deployment, host_name: str, key: str) -> Deployment:
+    """``front`` seen from one host; ``key`` names where the host name came from."""
+    if not front.hosts:
+        raise _error(front.path, key, host_name, "the file has no [[hosts]]")
+    spec = next((h for h in front.hosts if h.name == host_name), None)
+    if spec is None:
+        raise _error(front.path, key, host_name, "no such host; [[hosts]] names: %s"
+                     % ", ".join(front.host_names()))
+    sections = {section: dict(front.sections[section]) for section in SECTIONS}
+    sections["workers"].update(count=spec.count, socket="tcp://" + spec.address)
+    sections["runtime"].update(dir=os.path.join(front.runtime_dir, spec.name),
+                               log_dir=os.path.join(front.log_dir, spec.name))
+    return Deployment(path=front.path, hosts=front.hosts, host=spec, sections=MappingProxyType(
+        {section: Section(vals) for section, vals in sections.items()}))
+
+
+def parse(data: Mapping[str, Any], path: str, host: Optional[str] = None) -> Deployment:
+    """Validate already-parsed TOML ``data`` read from ``path``.
+
+    ``host`` selects one ``[[hosts]]`` entry: the result is that host's view
+    (see :class:`Deployment`); None or "" gives the front view.
+    """
     path = os.path.abspath(path)
     base = os.path.dirname(path)
     values: dict[str, dict[str, Any]] = {section: {} for section in SECTIONS}
     for section, table in data.items():
+        if section == "hosts":
+            continue  # an array of tables, checked by _parse_hosts below
         if section not in values:
             close = difflib.get_close_matches(section, SECTIONS, n=1)
             hint = "; did you mean [%s]?" % close[0] if close else "; known sections: %s" % ", ".join(SECTIONS)
@@ -620,12 +799,33 @@ def parse(data: Mapping[str, Any], path: str) -> Deployment:
     if limits["max_requests_jitter"] and not limits["max_requests"]:
         raise _error(path, "limits.max_requests_jitter", limits["max_requests_jitter"],
                      "needs limits.max_requests")
-    return Deployment(path=path, sections=MappingProxyType(
+    hosts = _parse_hosts(data.get("hosts"), path, values["workers"]["count"])
+    if hosts:
+        raw_socket = data.get("workers", {}).get("socket", "")
+        if raw_socket:
+            raise _error(path, "workers.socket", raw_socket,
+                         "with [[hosts]] each host's address is its worker socket; remove workers.socket")
+        if not values["nginx"]["web_servers"]:
+            raise _error(path, "nginx.web_servers", [],
+                         "required with [[hosts]]: the IP addresses nginx connects to the workers from")
+        # The front view has no worker socket of its own.
+        values["workers"]["socket"] = ""
+    dep = Deployment(path=path, hosts=hosts, sections=MappingProxyType(
         {section: Section(vals) for section, vals in values.items()}))
+    if host:
+        return _host_view(dep, host, "host")
+    return dep
 
 
-def load(path: str) -> Deployment:
-    """Read and validate a deployment file; raise ConfigError with a one-line message."""
+def load(path: str, host: Optional[str] = None) -> Deployment:
+    """Read and validate a deployment file; raise ConfigError with a one-line message.
+
+    ``host`` (None: the FCGI_TOOLKIT_HOST environment variable, which each
+    host's supervisord sets for its children; "": none, the front view)
+    selects a ``[[hosts]]`` entry.
+    """
+    if host is None:
+        host = os.environ.get(HOST_ENV) or None
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)
@@ -635,7 +835,7 @@ def load(path: str) -> Deployment:
         raise ConfigError("%s: cannot read: %s" % (path, exc.strerror)) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("%s: not valid TOML: %s" % (path, exc)) from None
-    return parse(data, path)
+    return parse(data, path, host)
 
 
 def _rst_escape(text: str) -> str:
@@ -649,7 +849,9 @@ def settings_table() -> str:
     """The README's settings table (reStructuredText list-table), from the registry."""
     lines = [".. list-table::", "   :header-rows: 1", "   :widths: 25 20 55", "",
              "   * - Key", "     - Default", "     - Meaning"]
-    for s in REGISTRY:
-        default = "(required)" if s.default is REQUIRED else repr(s.default)
-        lines += ["   * - ``%s``" % s.key, "     - ``%s``" % default, "     - %s" % _rst_escape(s.help)]
+    for s in REGISTRY + HOST_REGISTRY:
+        key = "hosts[].%s" % s.name if s.section == "hosts" else s.key
+        default = ("(required)" if s.default is REQUIRED else
+                   "(derived)" if s.default is None else repr(s.default))
+        lines += ["   * - ``%s``" % key, "     - ``%s``" % default, "     - %s" % _rst_escape(s.help)]
     return "\n".join(lines) + "\n"
