@@ -159,7 +159,7 @@ def timeline(path: str, start: float, end: float, bin_seconds: float = 1.0) -> l
     Returns ``[{"t": seconds since start, "ok": n, "failed": n}, ...]`` for
     every bin between ``start`` and ``end`` (epoch seconds), empty bins included.
     """
-    nbins = max(1, int((end - start) / bin_seconds + 0.999))
+    nbins = max(1, int((end - start) / bin_seconds))   # whole bins only: the last partial one would read as a dip
     bins = [{"t": round(i * bin_seconds, 3), "ok": 0, "failed": 0} for i in range(nbins)]
     try:
         f = open(path)

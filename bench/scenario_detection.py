@@ -26,6 +26,7 @@ MB = 1024 * 1024
 MAX_RSS = 80 * MB
 GROW = 96 * MB
 TIMEOUT = 30.0
+SETTLE = 2.0
 
 COLUMNS = [("contender", "contender", "s"), ("median_s", "median s", ".2f"), ("max_s", "max s", ".2f"),
            ("ratio", "ratio vs memmon", ".3f"), ("detected", "detected", "s")]
@@ -35,6 +36,8 @@ def one(stack, timeout: float = TIMEOUT) -> float | None:
     """Grow one worker; seconds until a new worker is ready (None: not replaced in time)."""
     c = stack.contender
     c.wait_ready(60)
+    # Let fresh workers age past both flap guards (1 s) before growing one.
+    time.sleep(SETTLE)
     before = set(c.worker_pids())
     status, body = http_get(stack.url + "grow", timeout=30)
     if status != 200:

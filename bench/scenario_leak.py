@@ -12,7 +12,6 @@ share of samples above the limit.
 from __future__ import annotations
 
 import logging
-import time
 
 from bench.contenders import Spec
 from bench.scenario import Context, Result, Sampler, add_ratios, rss_of

@@ -10,7 +10,6 @@ requests/s ratio against bare flup6.  Our worker also runs in variants
 from __future__ import annotations
 
 import logging
-import time
 
 from bench import wrk
 from bench.contenders import Spec
