@@ -1,79 +1,211 @@
-"""Side-by-side throughput: ``fcgi-toolkit worker`` vs bare flup6's WSGIServer.
+"""Quick worker throughput check: ``fcgi-toolkit worker`` vs bare flup6 (vs uWSGI).
 
-Same app (tests/apps/conformance.py /hello), same unix socket, one run:
-each server in turn serves FastCGI requests from N client threads for D
-seconds (one connection per request, as nginx does without keepalive).
-Prints requests/second for both and the ratio; asserts nothing.
+For fast iterations on the worker's request path, without supervisord or
+the watchdog: each contender's workers are started directly on one shared
+listening unix socket (as supervisord's ``[fcgi-program]`` would hand it to
+them on fd 0), behind the bench's nginx, loaded with wrk.  Rounds are
+interleaved (ours, flup, uwsgi, ours, ...) so a noisy neighbour hits all
+alike.  Prints median req/s per contender and the ratios against bare
+flup6; asserts nothing.  ``python -m bench.run --scenario throughput`` is the
+full, reported measurement.
 
-    python bench/worker_vs_flup.py [--seconds 3] [--clients 4] [--threads 4] [--uri /hello]
+    python -m bench.worker_vs_flup [--app hello] [--workers 2] [--threads 1]
+        [--seconds 3] [--rounds 3] [--connections 8] [--contenders ours,flup,uwsgi]
+        [--profile SECONDS]
+
+``--profile N`` records one of our workers with py-spy for N seconds under
+load (if py-spy is installed) and prints its top functions.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shutil
+import signal
+import socket
+import subprocess
 import sys
 import tempfile
-import threading
 import time
+from typing import Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tests"))
-sys.path.insert(0, ROOT)
-import fcgiclient as fc  # noqa: E402
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from bench import wrk  # noqa: E402
+from bench.contenders import Spec, Uwsgi, tool  # noqa: E402
+from bench.nginx import Nginx, free_port  # noqa: E402
+
+APPS = {"hello": "bench.apps:hello", "cpu": "bench.apps:cpu"}
 
 
-def drive(address, uri: str, seconds: float, clients: int) -> tuple:
-    stop = time.monotonic() + seconds
-    counts, errors = [0] * clients, [0] * clients
+class DirectWorkers:
+    """``n`` worker processes sharing one listening unix socket on fd 0."""
 
-    def loop(i: int) -> None:
-        while time.monotonic() < stop:
+    def __init__(self, workdir: str, kind: str, app: str, n: int, threads: int):
+        self.workdir = workdir
+        self.kind = kind
+        self.socket_path = os.path.join(workdir, "app.sock")
+        self.procs: list = []
+        os.makedirs(workdir, exist_ok=True)
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(self.socket_path)
+        self.listener.listen(128)
+        if kind == "ours":
+            deploy = os.path.join(workdir, "deploy.toml")
+            with open(deploy, "w") as f:
+                f.write("\n".join([
+                    "[app]", 'name = "bench"', "wsgi = %s" % json.dumps(app),
+                    "directory = %s" % json.dumps(ROOT),
+                    "[workers]", "count = %d" % n, "standby = 0", "threads = %d" % threads,
+                    'graceful_timeout = "5s"',
+                    "[runtime]", "dir = %s" % json.dumps(os.path.join(workdir, "rt")), ""]))
+            cmds = [[sys.executable, "-m", "fcgi_toolkit", "worker", "-c", deploy, "--slot", str(i)]
+                    for i in range(n)]
+        else:
+            cmds = [[sys.executable, "-m", "bench.flup_worker", app] for _ in range(n)]
+        env = dict(os.environ, PYTHONPATH=ROOT)
+        for i, cmd in enumerate(cmds):
+            log = open(os.path.join(workdir, "worker-%d.log" % i), "wb")
+            self.procs.append(subprocess.Popen(cmd, stdin=self.listener.fileno(), stdout=log,
+                                               stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+                                               start_new_session=True))
+            log.close()
+
+    @property
+    def pids(self) -> list:
+        return [p.pid for p in self.procs]
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.procs:
             try:
-                r = fc.request(address, uri, timeout=10)
-                if r.ended and r.status == 200:
-                    counts[i] += 1
-                else:
-                    errors[i] += 1
-            except OSError:
-                errors[i] += 1
-
-    threads = [threading.Thread(target=loop, args=(i,)) for i in range(clients)]
-    start = time.monotonic()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    elapsed = time.monotonic() - start
-    return sum(counts) / elapsed, sum(errors)
+                p.wait(8)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(5)
+        self.listener.close()
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=3.0)
-    parser.add_argument("--clients", type=int, default=4)
-    parser.add_argument("--threads", type=int, default=4, help="worker thread pool size")
-    parser.add_argument("--uri", default="/hello")
-    args = parser.parse_args()
-    results = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        listener = fc.Listener(tmp)
-        deploy = fc.write_deploy(tmp, threads=args.threads)
+class UwsgiWorkers:
+    def __init__(self, workdir: str, app: str, n: int, threads: int):
+        os.makedirs(workdir, exist_ok=True)
+        self.contender = Uwsgi(workdir, Spec(app=app, workers=n, threads=threads))
+        self.contender.start(60)
+        self.socket_path = self.contender.socket_path
+
+    @property
+    def pids(self) -> list:
+        return self.contender.worker_pids()
+
+    def stop(self) -> None:
+        self.contender.stop()
+
+
+def wait_serving(url: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
         try:
-            for kind in ("ours", "flup"):
-                worker = fc.WorkerProcess(deploy, listener, kind=kind)
-                try:
-                    worker.wait_ready()
-                    drive(listener.address, args.uri, 0.5, args.clients)   # warm-up
-                    results[kind] = drive(listener.address, args.uri, args.seconds, args.clients)
-                finally:
-                    worker.stop()
-        finally:
-            listener.close()
-    for kind, label in (("ours", "fcgi-toolkit worker"), ("flup", "bare flup6")):
-        rate, errors = results[kind]
-        print("%-20s %8.0f req/s  (%d errors)" % (label, rate, errors))
-    if results["flup"][0]:
-        print("ratio ours/flup6: %.2f" % (results["ours"][0] / results["flup"][0]))
+            with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1].strip("/"))),
+                                          timeout=2) as s:
+                s.sendall(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
+                if s.recv(12).startswith(b"HTTP/1.1 200"):
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError("%s does not answer 200" % url)
+
+
+def profile(pid: int, url: str, seconds: float, connections: int, out: str) -> Optional[str]:
+    spy = shutil.which("py-spy")
+    if not spy:
+        return "py-spy is not installed"
+    load = wrk.start(url, seconds + 2, connections)
+    try:
+        subprocess.run([spy, "record", "-p", str(pid), "-d", str(int(seconds)), "-f", "raw",
+                        "-o", out, "-r", "500", "--nonblocking"],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=seconds + 30)
+    finally:
+        wrk.finish(load, seconds + 2)
+    own, total = {}, 0
+    with open(out) as f:
+        for line in f:
+            stack, _, count = line.rstrip().rpartition(" ")
+            n = int(count)
+            total += n
+            for frame in set(stack.split(";")):
+                own[frame] = own.get(frame, 0) + n
+    rows = sorted(own.items(), key=lambda kv: -kv[1])[:40]
+    return "\n".join("%5.1f%%  %s" % (100.0 * n / total, frame) for frame, n in rows)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.worker_vs_flup", description=__doc__.splitlines()[0])
+    p.add_argument("--app", choices=sorted(APPS), default="hello")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="our worker's threads (flup: unbounded pool)")
+    p.add_argument("--seconds", type=float, default=3.0)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--connections", type=int, default=8)
+    p.add_argument("--contenders", default="ours,flup,uwsgi")
+    p.add_argument("--profile", type=float, default=0.0, metavar="SECONDS")
+    args = p.parse_args(argv)
+    if not wrk.available():
+        print("wrk is not installed", file=sys.stderr)
+        return 2
+    kinds = [k.strip() for k in args.contenders.split(",") if k.strip()]
+    if "uwsgi" in kinds and not tool("uwsgi"):
+        print("uwsgi not found next to %s: skipped (run with bench/.venv/bin/python)" % sys.executable)
+        kinds.remove("uwsgi")
+    app = APPS[args.app]
+    root = tempfile.mkdtemp(prefix="fcgiquick-", dir="/tmp")
+    stacks = []
+    try:
+        for kind in kinds:
+            workdir = os.path.join(root, kind)
+            if kind == "uwsgi":
+                workers = UwsgiWorkers(workdir, app, args.workers, args.threads)
+            else:
+                workers = DirectWorkers(workdir, kind, app, args.workers, args.threads)
+            nginx = Nginx(workdir, free_port())
+            stacks.append((kind, workers, nginx))
+            nginx.start(workers.socket_path)
+            wait_serving(nginx.url)
+        for _, _, nginx in stacks:
+            wrk.run(nginx.url, 1, args.connections)   # warm-up
+        runs: dict = {kind: [] for kind, _, _ in stacks}
+        for _ in range(args.rounds):
+            for kind, _, nginx in stacks:
+                r = wrk.run(nginx.url, args.seconds, args.connections)
+                runs[kind].append(r)
+        if args.profile:
+            for kind, workers, nginx in stacks:
+                if kind == "ours":
+                    print(profile(workers.pids[0], nginx.url, args.profile, args.connections,
+                                  os.path.join(root, "profile.txt")))
+    finally:
+        for _, workers, nginx in stacks:
+            try:
+                nginx.stop()
+            finally:
+                workers.stop()
+        shutil.rmtree(root, ignore_errors=True)
+    med = {}
+    for kind, rs in runs.items():
+        rates = sorted(r.rps for r in rs)
+        med[kind] = rates[len(rates) // 2]
+        failed = sum(r.failed for r in rs)
+        print("%-6s %8.0f req/s median of %s  p50 %.2f ms  failed %d"
+              % (kind, med[kind], ["%.0f" % x for x in rates],
+                 sorted(r.p50 for r in rs)[len(rs) // 2] * 1e3, failed))
+    for base in ("flup", "uwsgi"):
+        if med.get(base) and "ours" in med:
+            print("ratio ours/%s: %.3f" % (base, med["ours"] / med[base]))
     return 0
 
 

@@ -18,6 +18,13 @@ stop the offender first, then start the same slot again.  A replacement
 that fails (BACKOFF, FATAL, exits, or not ready in time) is stopped, its
 error line is read from its log, its slot backs off, and the offender keeps
 serving.
+
+Between passes the listener calls :meth:`Coordinator.urgent` every
+:data:`RSS_POLL` seconds (only with ``limits.max_rss``): it reads the RSS
+each worker publishes in its scoreboard slot (memory reads, no system call
+per worker) and asks for a pass at once when one is over the limit, so a
+leak is caught within a fraction of a second rather than at the next
+``recycle.check_interval``.
 """
 from __future__ import annotations
 
@@ -41,6 +48,8 @@ log = logging.getLogger("fcgi_toolkit.watchdog")
 FAILED_STATES = (ProcessStates.BACKOFF, ProcessStates.FATAL, ProcessStates.EXITED)
 LOG_TAIL = 16384
 _FAULT_NAMES = {code: name for name, code in vars(Faults).items() if not name.startswith("_")}
+#: Seconds between two fast polls of the workers' published RSS.
+RSS_POLL = 0.1
 _ERROR_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b.*")
 
 
@@ -88,6 +97,8 @@ class Coordinator:
         self.dumped: dict[str, tuple] = {}
         self.killed: set[int] = set()
         self._held_logged: set[int] = set()
+        self.alarmed: dict[str, tuple] = {}
+        self.last_snapshot: Optional[Snapshot] = None
         self._fatal_seen: set[str] = set()
         self._waiting_logged: set[str] = set()
         self._watch_sig: Optional[dict] = None
@@ -120,6 +131,26 @@ class Coordinator:
     def interval(self) -> float:
         return min(self.check_interval, 0.25) if self.busy() else self.check_interval
 
+    def poll_interval(self) -> float:
+        """Seconds between fast polls of the scoreboard (0: no fast poll)."""
+        if not self.limits.max_rss or self.sampler.scoreboard is None:
+            return 0.0
+        return min(RSS_POLL, self.check_interval)
+
+    def urgent(self) -> bool:
+        """Whether a worker's published RSS asks for a full pass now (memory reads only)."""
+        last = self.last_snapshot
+        board = self.sampler.scoreboard
+        if last is None or board is None or not self.limits.max_rss:
+            return False
+        records = {slot.name: board.read(slot.index) for slot in last.slots if slot.pid}
+        alarms = policy.rss_alarms(last, records, self.limits, self.memory())
+        for alarm in alarms:
+            self.alarmed[alarm.slot] = (alarm.pid, alarm.rss_time)
+            log.info("%s pid %d published rss %s > %s: checking now", alarm.slot, alarm.pid,
+                     policy.format_size(alarm.rss), policy.format_size(self.limits.max_rss))
+        return bool(alarms)
+
     def memory(self) -> Memory:
         busy = set()
         for offender, op in self.ops.items():
@@ -130,7 +161,7 @@ class Coordinator:
                    for name in self.slot_names}
         return Memory(busy=frozenset(busy), operations=len(self.ops), backoff_until=backoff,
                       first_breach=dict(self.first_breach), dumped=dict(self.dumped),
-                      killed=frozenset(self.killed))
+                      killed=frozenset(self.killed), alarmed=dict(self.alarmed))
 
     def _call(self, method: str, *args: Any, ok_faults: tuple = ()) -> Any:
         try:
@@ -198,6 +229,7 @@ class Coordinator:
         except (OSError, CommandFailed, xmlrpc.client.ProtocolError) as exc:
             log.warning("cannot reach supervisord: %s", exc)
             return None
+        self.last_snapshot = snap
         self._ops_changed = False
         try:
             self._observe(snap, now)
@@ -244,6 +276,8 @@ class Coordinator:
                 self._fatal_seen.discard(slot.name)
         for pid in [p for p in self.first_breach if p not in alive]:
             del self.first_breach[pid]
+        for name in [n for n, (pid, _) in self.alarmed.items() if pid not in alive]:
+            del self.alarmed[name]
         self.killed &= alive
         self._held_logged &= alive
 

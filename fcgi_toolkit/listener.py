@@ -5,8 +5,11 @@ stdout carries only the listener protocol; logs go to stderr.  The loop
 writes READY, waits for an event with ``select()`` for at most one check
 interval, answers every event with OK at once (the event buffer never
 fills), and runs a :class:`~fcgi_toolkit.coordinator.Coordinator` pass on
-the timer and shortly after each PROCESS_STATE event.  SIGTERM/SIGINT only
-set a flag; the loop exits at the next wake-up.
+the timer and shortly after each PROCESS_STATE event.  Between passes it
+also wakes every ``coordinator.poll_interval()`` seconds (when not 0) and
+runs a pass at once if ``coordinator.urgent()`` says so (a worker published
+an RSS over the limit).  SIGTERM/SIGINT only set a flag; the loop exits at
+the next wake-up.
 """
 from __future__ import annotations
 
@@ -73,6 +76,7 @@ class Listener:
         self.clock = clock
         self.stopping = False
         self.next_pass = 0.0
+        self.next_poll = 0.0
 
     def handle(self, headers: dict, payload: str) -> None:
         """Acknowledge an event; a PROCESS_STATE change brings the next pass forward."""
@@ -82,8 +86,10 @@ class Listener:
             self.next_pass = min(self.next_pass, self.clock() + EVENT_SETTLE)
 
     def step(self) -> bool:
-        """Wait for one event or the timer; returns False when the loop must end."""
-        timeout = self.next_pass - self.clock()
+        """Wait for one event, the fast poll or the timer; returns False when the loop must end."""
+        poll = self.coordinator.poll_interval()
+        wake = min(self.next_pass, self.next_poll) if poll > 0 else self.next_pass
+        timeout = wake - self.clock()
         if timeout > 0 and self.events.wait(timeout):
             event = self.events.read()
             if event is None:
@@ -91,6 +97,11 @@ class Listener:
                 return False
             self.handle(*event)
             childutils.listener.ready(self.stdout)
+        now = self.clock()
+        if poll > 0 and now >= self.next_poll:
+            self.next_poll = now + poll
+            if now < self.next_pass and self.coordinator.urgent():
+                self.next_pass = now
         if self.clock() >= self.next_pass:
             self.coordinator.run_pass()
             self.next_pass = self.clock() + self.coordinator.interval()

@@ -11,7 +11,7 @@ from typing import Any, Mapping, Optional, Union
 
 from supervisor.states import ProcessStates
 
-from fcgi_toolkit.scoreboard import SlotRecord
+from fcgi_toolkit.scoreboard import SlotRecord, is_live
 
 #: States in which a slot counts as serving or about to serve.
 ACTIVE_STATES = (ProcessStates.STARTING, ProcessStates.RUNNING, ProcessStates.BACKOFF)
@@ -61,7 +61,9 @@ class SlotSnapshot:
     ``record`` is the scoreboard record, present only when it was written by
     this very process (pid and create time match).  ``max_requests`` and
     ``max_age`` are the limits drawn for this worker life (jitter included;
-    0 means off).
+    0 means off).  ``rss`` is the watchdog's own sample (psutil), taken at
+    ``rss_time`` (0: no sample); the worker may have published a newer value
+    in its record, see :attr:`latest_rss`.
     """
     name: str
     index: int
@@ -74,6 +76,14 @@ class SlotSnapshot:
     max_requests: int = 0
     max_age: float = 0.0
     description: str = ""
+    rss_time: float = 0.0
+
+    @property
+    def latest_rss(self) -> int:
+        """The newer of the watchdog's sample and the value the worker published."""
+        if self.record is not None and self.record.rss_time > self.rss_time:
+            return self.record.rss
+        return self.rss
 
     @property
     def statename(self) -> str:
@@ -132,6 +142,7 @@ class Memory:
     first_breach: Mapping[int, float] = field(default_factory=dict)   # pid -> when first over a limit
     dumped: Mapping[str, tuple] = field(default_factory=dict)        # slot -> (pid, req_id) dumped
     killed: frozenset = frozenset()          # pids already sent SIGKILL
+    alarmed: Mapping[str, tuple] = field(default_factory=dict)       # slot -> (pid, rss_time)
 
 
 # --------------------------------------------------------------------------
@@ -191,6 +202,15 @@ class Stop:
 Action = Union[Recycle, Hold, Kill, DumpStacks, Start, Stop]
 
 
+@dataclass(frozen=True)
+class RssAlarm:
+    """``slot``'s worker published an RSS over max_rss: run a full pass now."""
+    slot: str
+    pid: int
+    rss: int
+    rss_time: float
+
+
 # --------------------------------------------------------------------------
 # Formatting
 # --------------------------------------------------------------------------
@@ -233,9 +253,10 @@ def breaches(slot: SlotSnapshot, limits: Limits) -> list[tuple[float, str, str]]
     Severity is how far over the limit the worker is (1.0 = at the limit).
     """
     out = []
-    if limits.max_rss and slot.rss > limits.max_rss:
-        out.append((slot.rss / limits.max_rss, "rss",
-                    "rss %s > %s" % (format_size(slot.rss), format_size(limits.max_rss))))
+    rss = slot.latest_rss
+    if limits.max_rss and rss > limits.max_rss:
+        out.append((rss / limits.max_rss, "rss",
+                    "rss %s > %s" % (format_size(rss), format_size(limits.max_rss))))
     if slot.max_requests and slot.record is not None and slot.requests >= slot.max_requests:
         out.append((slot.requests / slot.max_requests, "requests",
                     "requests %d >= %d" % (slot.requests, slot.max_requests)))
@@ -318,6 +339,33 @@ def decide(snapshot: Snapshot, now: float, limits: Limits, memory: Memory) -> li
                                             slot.record.method, slot.record.uri,
                                             format_duration(running_for))))
     return kills + recycles + holds + dumps
+
+
+def rss_alarms(last: Snapshot, records: Mapping[str, Optional[SlotRecord]], limits: Limits,
+               memory: Memory) -> list[RssAlarm]:
+    """Workers whose freshly published RSS calls for a full pass before the timer.
+
+    ``last`` is the latest full pass's snapshot, ``records`` the scoreboard
+    read just now (slot name -> record).  A record counts only if the last
+    pass saw that very process RUNNING (pid and create time), it is not
+    draining, not in a recycle, over ``max_rss``, and no full pass has seen
+    this worker over a limit yet (then the passes on the timer handle it,
+    held or waiting for room).  Each published value raises at most one
+    alarm (``memory.alarmed``), so a stale record cannot cause a pass storm.
+    """
+    if not limits.max_rss:
+        return []
+    out = []
+    for slot in last.slots:
+        rec = records.get(slot.name)
+        if (rec is None or slot.state != ProcessStates.RUNNING or slot.name in memory.busy
+                or rec.draining or rec.rss <= limits.max_rss
+                or not is_live(rec, slot.pid, slot.create_time)
+                or slot.pid in memory.first_breach
+                or memory.alarmed.get(slot.name) == (rec.pid, rec.rss_time)):
+            continue
+        out.append(RssAlarm(slot.name, rec.pid, rec.rss, rec.rss_time))
+    return out
 
 
 def reconcile(snapshot: Snapshot, now: float, limits: Limits, memory: Memory) -> list[Action]:

@@ -96,16 +96,16 @@ class Sampler:
                 continue
             pid = int(info.get("pid") or 0)
             state = int(info["state"])
-            rss, created, record, age = 0, None, None, 0.0
+            rss, rss_time, created, record, age = 0, 0.0, None, None, 0.0
             max_requests, max_age = 0, 0.0
             if pid:
                 proc, created = self._process(pid)
                 if proc is not None and created is not None:
                     alive.add(pid)
                     try:
-                        rss = proc.memory_info().rss
+                        rss, rss_time = proc.memory_info().rss, now
                     except psutil.Error:
-                        rss = 0
+                        rss, rss_time = 0, 0.0
                     age = max(0.0, now - created)
                     max_requests, max_age = self.life_limits(pid, created)
                     rec = self.scoreboard.read(index) if self.scoreboard else None
@@ -114,7 +114,7 @@ class Sampler:
             slots.append(SlotSnapshot(
                 name=name, index=index, state=state, pid=pid, create_time=created, rss=rss,
                 record=record, age=age, max_requests=max_requests, max_age=max_age,
-                description=str(info.get("description", ""))))
+                description=str(info.get("description", "")), rss_time=rss_time))
         self.forget_dead(alive)
         return Snapshot(time=now, slots=tuple(slots))
 

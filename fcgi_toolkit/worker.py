@@ -93,10 +93,12 @@ def _open_slot(dep, slot: int):
     """The scoreboard writer for this slot (ready=False until we accept)."""
     import psutil
 
-    from fcgi_toolkit.scoreboard import SlotWriter
+    from fcgi_toolkit.scoreboard import RSS_EVERY, SlotWriter
     os.makedirs(os.path.dirname(dep.scoreboard_path), exist_ok=True)
+    # With a memory limit the worker publishes its own RSS for the watchdog's fast poll.
     return SlotWriter(dep.scoreboard_path, slot, dep.slots, os.getpid(),
-                      psutil.Process().create_time())
+                      psutil.Process().create_time(),
+                      rss_every=RSS_EVERY if dep.limits.max_rss else 0.0)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -197,19 +197,10 @@ def _cut_response(c: Cluster, path: str, expected_log: str, timeout: float = CLI
     assert c.pids() == pids
 
 
-_NO_KEEP_CONN = ("nginx without fastcgi_keep_conn (the rendered site when nginx.keepalive = 0) "
-                 "takes the worker closing the connection for the end of the response: ")
-
-
-@pytest.mark.xfail(strict=True, reason=_NO_KEEP_CONN + "the client gets a complete-looking chunked "
-                   "200 with the final 0-chunk, nginx logs nothing; fix: render fastcgi_keep_conn on "
-                   "always (or the worker sends an invalid record before closing)")
 def test_exception_after_headers_cuts_the_response(conf):
     _cut_response(conf, "/raise-after-headers", "RuntimeError: conformance: boom after headers")
 
 
-@pytest.mark.xfail(strict=True, reason=_NO_KEEP_CONN + "with a Content-Length the client gets fewer "
-                   "bytes on a connection nginx keeps open: it hangs until its own timeout")
 def test_exception_after_headers_with_content_length_cuts_the_response(conf):
     _cut_response(conf, "/raise-after-headers-cl",
                   "RuntimeError: conformance: boom after headers with Content-Length", timeout=3.0)
@@ -344,12 +335,6 @@ def test_post_5mb_echo(conf):
     assert len(r.body) == len(payload) and r.body == payload
 
 
-@pytest.mark.xfail(strict=True, reason="nginx passes every request header as HTTP_*, so a request "
-                   "body's Content-Length/Content-Type also arrive as HTTP_CONTENT_LENGTH/"
-                   "HTTP_CONTENT_TYPE; wsgiref.validate forbids them (CGI, RFC 3875 4.1.18: not for "
-                   "headers conveyed by other variables), so the validated /echo answers 500 to every "
-                   "POST.  Fix: the worker's sanitize_environ drops both keys (or the site template "
-                   "sets fastcgi_param HTTP_CONTENT_LENGTH/HTTP_CONTENT_TYPE \"\" if_not_empty)")
 def test_request_body_headers_are_not_duplicated_as_http_variables(conf):
     env = _env_post(conf, "/env/post", b"abc", {"Content-Type": "application/octet-stream"})
     assert env["CONTENT_LENGTH"] == "3"

@@ -448,14 +448,26 @@ def test_worker_error_picks_the_exception_line():
 # --------------------------------------------------------------------------
 
 class CountingCoordinator:
-    def __init__(self):
+    """Counts passes; ``poll`` > 0 turns on the fast poll, ``alarms`` are urgent()'s answers."""
+
+    def __init__(self, poll=0.0, alarms=()):
         self.passes = 0
+        self.polls = 0
+        self.poll = poll
+        self.alarms = list(alarms)
 
     def run_pass(self):
         self.passes += 1
 
     def interval(self):
         return 1.0
+
+    def poll_interval(self):
+        return self.poll
+
+    def urgent(self):
+        self.polls += 1
+        return self.alarms.pop(0) if self.alarms else False
 
 
 def _event(name, payload="processname:wiki_00 groupname:wiki from_state:STARTING"):
