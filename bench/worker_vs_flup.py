@@ -106,6 +106,19 @@ class UwsgiWorkers:
         self.contender.stop()
 
 
+def cpu_seconds(pids: list) -> float:
+    """User + system CPU seconds the processes used so far."""
+    import psutil
+    total = 0.0
+    for pid in pids:
+        try:
+            t = psutil.Process(pid).cpu_times()
+        except psutil.Error:
+            continue
+        total += t.user + t.system
+    return total
+
+
 def wait_serving(url: str, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -179,9 +192,13 @@ def main(argv=None) -> int:
         for _, _, nginx in stacks:
             wrk.run(nginx.url, 1, args.connections)   # warm-up
         runs: dict = {kind: [] for kind, _, _ in stacks}
+        cpu: dict = {kind: [0.0, 0] for kind, _, _ in stacks}
         for _ in range(args.rounds):
-            for kind, _, nginx in stacks:
+            for kind, workers, nginx in stacks:
+                before = cpu_seconds(workers.pids)
                 r = wrk.run(nginx.url, args.seconds, args.connections)
+                cpu[kind][0] += cpu_seconds(workers.pids) - before
+                cpu[kind][1] += r.requests
                 runs[kind].append(r)
         if args.profile:
             for kind, workers, nginx in stacks:
@@ -200,9 +217,11 @@ def main(argv=None) -> int:
         rates = sorted(r.rps for r in rs)
         med[kind] = rates[len(rates) // 2]
         failed = sum(r.failed for r in rs)
-        print("%-6s %8.0f req/s median of %s  p50 %.2f ms  failed %d"
+        spent, count = cpu[kind]
+        print("%-6s %8.0f req/s median of %s  p50 %.2f ms  failed %d  worker CPU %.0f us/request"
               % (kind, med[kind], ["%.0f" % x for x in rates],
-                 sorted(r.p50 for r in rs)[len(rs) // 2] * 1e3, failed))
+                 sorted(r.p50 for r in rs)[len(rs) // 2] * 1e3, failed,
+                 1e6 * spent / count if count else 0.0))
     for base in ("flup", "uwsgi"):
         if med.get(base) and "ours" in med:
             print("ratio ours/%s: %.3f" % (base, med["ours"] / med[base]))

@@ -504,3 +504,112 @@ def test_listener_payload_read_is_exact(tmp_path):
     stream = EventStream(io.BytesIO(_event("PROCESS_STATE_STOPPING", payload) + b"READY-TRAILER"))
     headers, body = stream.read()
     assert headers["eventname"] == "PROCESS_STATE_STOPPING" and body == payload
+
+
+class QuietEvents:
+    """No event ever arrives: wait() lets the clock run for the whole timeout."""
+
+    def __init__(self, clock):
+        self.clock = clock
+        self.waits: list[float] = []
+
+    def wait(self, timeout):
+        self.waits.append(timeout)
+        self.clock.advance(timeout)
+        return False
+
+    def read(self):
+        raise AssertionError("no event to read")
+
+
+def test_listener_fast_poll_brings_the_pass_forward_on_an_alarm():
+    clock = Clock(100.0)
+    co = CountingCoordinator(poll=0.1, alarms=[False, False, True])
+    events = QuietEvents(clock)
+    listener = Listener(co, events, io.StringIO(), clock=clock)
+    listener.next_pass = clock() + 1.0
+    for _ in range(3):
+        assert listener.step()
+    assert co.polls == 3 and co.passes == 1
+    assert clock() == pytest.approx(100.2)               # not the 1 s timer
+    assert listener.next_pass == pytest.approx(clock() + 1.0)
+    assert max(events.waits) <= 0.1 + 1e-9
+    # Without alarms it keeps polling and the timer runs the next pass.
+    for _ in range(12):                  # 1.2 s in 0.1 s polls
+        listener.step()
+    assert co.passes == 2 and co.polls >= 12
+
+
+def test_listener_without_fast_poll_sleeps_until_the_timer():
+    clock = Clock(100.0)
+    co = CountingCoordinator(poll=0.0, alarms=[True])
+    events = QuietEvents(clock)
+    listener = Listener(co, events, io.StringIO(), clock=clock)
+    listener.next_pass = clock() + 1.0
+    assert listener.step()
+    assert co.polls == 0 and co.passes == 1 and events.waits == [pytest.approx(1.0)]
+
+
+def _listen(w):
+    """A listener on the world's coordinator, as if a pass had just run."""
+    listener = Listener(w.co, QuietEvents(w.clock), io.StringIO(), clock=w.clock)
+    listener.next_pass = w.clock() + w.co.interval()
+    return listener
+
+
+def test_published_rss_over_the_limit_recycles_before_the_timer(tmp_path, caplog):
+    caplog.set_level(logging.INFO, "fcgi_toolkit.watchdog")
+    w = World(tmp_path, limits={"max_rss": "100MB"})
+    w.started()
+    w.clock.advance(60)                  # old enough not to be flapping
+    w.co.run_pass()
+    w.sup.calls.clear()
+    assert w.co.poll_interval() == pytest.approx(0.1)
+    old = w.sup.running()
+    listener = _listen(w)
+    # Over the limit, but not published: the fast poll sees nothing, the timer decides.
+    w.sup.rss[old["wiki_00"]] = 150 * MB
+    for _ in range(5):
+        listener.step()
+    assert w.sup.calls == []
+    # The worker publishes it after its next request: the next poll runs a pass at once.
+    w.sup.board[0] = _replace(w.sup.board[0], rss=150 * MB, rss_time=w.clock())
+    listener.step()
+    assert w.sup.named_calls("startProcess") == [("startProcess", "wiki:wiki_02", False)]
+    assert w.state()["recycle"]["wiki_00"]["reason"] == "rss 150MB > 100MB"
+    assert any("wiki_00 pid %d published rss 150MB > 100MB" % old["wiki_00"] in r.getMessage()
+               for r in caplog.records)
+    # The recycle completes as usual; the offender in a recycle raises no more alarms.
+    for _ in range(20):
+        listener.step()
+    assert set(w.sup.running()) == {"wiki_01", "wiki_02"}
+    assert w.state()["slots"]["wiki_00"]["by_reason"] == {"rss": 1}
+
+
+def test_one_publication_raises_one_alarm_and_the_newer_sample_decides(tmp_path):
+    w = World(tmp_path, limits={"max_rss": "100MB"})
+    w.started()
+    w.clock.advance(60)
+    w.co.run_pass()
+    pid = w.sup.running()["wiki_00"]
+    # Published over the limit, then the app freed it: psutil's newer sample is 20 MB.
+    w.sup.board[0] = _replace(w.sup.board[0], rss=150 * MB, rss_time=w.clock() - 0.05)
+    w.sup.calls.clear()
+    assert w.co.urgent() is True
+    w.co.run_pass()
+    assert w.sup.named_calls("startProcess") == []            # no recycle
+    assert w.co.urgent() is False                              # same publication: no storm
+    # A later publication (still over) alarms again; psutil agrees this time.
+    w.clock.advance(1)
+    w.sup.rss[pid] = 150 * MB
+    w.sup.board[0] = _replace(w.sup.board[0], rss=150 * MB, rss_time=w.clock())
+    assert w.co.urgent() is True
+    w.co.run_pass()
+    assert w.sup.named_calls("startProcess") == [("startProcess", "wiki:wiki_02", False)]
+
+
+def test_no_fast_poll_without_max_rss(tmp_path):
+    w = World(tmp_path)
+    w.started()
+    w.sup.board[0] = _replace(w.sup.board[0], rss=10_000 * MB, rss_time=w.clock())
+    assert w.co.poll_interval() == 0.0 and w.co.urgent() is False

@@ -247,3 +247,59 @@ def test_sampler_draws_jitter_once_per_life():
     infos[0] = dict(infos[0], pid=21)
     sampler.sample(infos)
     assert {k[0] for k in sampler.lives} == {21, 12}
+
+
+# --------------------------------------------------------------------------
+# Published RSS (the worker's own value in its scoreboard slot)
+# --------------------------------------------------------------------------
+
+def published(slot, rss, rss_time, **kw):
+    """``slot`` with its record carrying a published RSS."""
+    values = dict(slot.record.__dict__, rss=rss, rss_time=rss_time)
+    values.update(kw)
+    return SlotSnapshot(**dict(slot.__dict__, record=SlotRecord(**values)))
+
+
+def test_the_newer_of_sample_and_publication_decides():
+    sampled = SlotSnapshot(**dict(worker(0, rss=100 * MB).__dict__, rss_time=NOW - 1))
+    newer = published(sampled, 300 * MB, NOW - 0.5)
+    older = published(sampled, 300 * MB, NOW - 2)
+    assert newer.latest_rss == 300 * MB and older.latest_rss == 100 * MB
+    assert policy.decide(snap(newer, worker(1), stopped(2)), NOW, LIMITS, Memory()) == [
+        Recycle("wiki_00", 100, "rss 300MB > 256MB", "rss", 300 / 256)]
+    assert policy.decide(snap(older, worker(1), stopped(2)), NOW, LIMITS, Memory()) == []
+    # A worker whose sample failed (rss 0, no time) is judged by what it published.
+    unsampled = published(worker(0, rss=0), 300 * MB, NOW - 5)
+    assert policy.breaches(unsampled, LIMITS)[0][1] == "rss"
+
+
+def alarm_case(slot, records=None, limits=LIMITS, memory=Memory()):
+    last = snap(slot, worker(1), stopped(2))
+    records = records if records is not None else {s.name: s.record for s in last.slots}
+    return policy.rss_alarms(last, records, limits, memory)
+
+
+def test_rss_alarm_for_a_live_worker_over_the_limit_once_per_publication():
+    over = published(worker(0), 300 * MB, NOW - 0.01)
+    assert alarm_case(over) == [policy.RssAlarm("wiki_00", 100, 300 * MB, NOW - 0.01)]
+    seen = Memory(alarmed={"wiki_00": (100, NOW - 0.01)})
+    assert alarm_case(over, memory=seen) == []
+    # A later publication alarms again.
+    later = published(worker(0), 310 * MB, NOW)
+    assert [a.slot for a in alarm_case(later, memory=seen)] == ["wiki_00"]
+
+
+def test_no_rss_alarm_when_the_timer_passes_already_handle_it_or_it_is_not_trusted():
+    over = published(worker(0), 300 * MB, NOW)
+    assert alarm_case(published(worker(0), 200 * MB, NOW)) == []                 # under
+    assert alarm_case(over, limits=Limits(count=2, standby=1)) == []             # max_rss off
+    assert alarm_case(over, memory=Memory(busy=frozenset({"wiki_00"}))) == []    # in a recycle
+    assert alarm_case(over, memory=Memory(first_breach={100: NOW - 3})) == []    # seen, held
+    assert alarm_case(published(worker(0), 300 * MB, NOW, draining=True)) == []
+    assert alarm_case(SlotSnapshot(**dict(over.__dict__, state=STOPPING))) == []
+    # A record left by another process (a dead worker, a reused pid) is not this worker's.
+    stale = SlotRecord(**dict(over.record.__dict__, pid=999))
+    assert alarm_case(over, records={"wiki_00": stale}) == []
+    reused = SlotRecord(**dict(over.record.__dict__, started=NOW - 5))
+    assert alarm_case(over, records={"wiki_00": reused}) == []
+    assert alarm_case(over, records={}) == []

@@ -108,3 +108,57 @@ def test_missing_file_reads_as_empty(tmp_path):
 def test_slot_out_of_range(tmp_path):
     with pytest.raises(ValueError):
         scoreboard.SlotWriter(str(tmp_path / "sb"), 3, 3, 1, 1.0)
+
+
+def test_rss_is_published_at_ready_and_after_requests_at_most_every_interval(tmp_path):
+    path = str(tmp_path / "sb")
+    me = psutil.Process()
+    wall, tick = [1000.0], [50.0]
+    w = scoreboard.SlotWriter(path, 0, 1, me.pid, me.create_time(), clock=lambda: wall[0],
+                              rss_every=0.05, monotonic=lambda: tick[0])
+    board = scoreboard.Scoreboard(path, 1)
+    try:
+        assert board.read(0).rss == 0                   # nothing measured before ready
+        w.set_ready()
+        rec = board.read(0)
+        assert rec.rss_time == 1000.0
+        assert abs(rec.rss - me.memory_info().rss) < 8 * 1024 * 1024
+        first = rec.rss
+        ballast = bytearray(64 * 1024 * 1024)           # zero-filled pages: touch them
+        for i in range(0, len(ballast), 4096):
+            ballast[i] = 1
+        wall[0], tick[0] = 1000.5, 50.01                # within the interval: no new value
+        w.end(w.begin("GET", "/"))
+        assert (board.read(0).rss, board.read(0).rss_time) == (first, 1000.0)
+        wall[0], tick[0] = 1001.0, 50.06                # interval passed: measured again
+        w.end(w.begin("GET", "/"))
+        rec = board.read(0)
+        assert rec.rss_time == 1001.0 and rec.rss >= first + 60 * 1024 * 1024
+        assert rec.requests == 2
+        del ballast
+        w.clear()
+        assert board.read(0) is None
+    finally:
+        w.close()
+        board.close()
+
+
+def test_no_rss_published_when_not_asked(tmp_path):
+    path = str(tmp_path / "sb")
+    w = scoreboard.SlotWriter(path, 0, 1, 1, 1.0)
+    w.set_ready()
+    w.end(w.begin("GET", "/"))
+    rec = scoreboard.Scoreboard(path, 1).read(0)
+    assert (rec.rss, rec.rss_time) == (0, 0.0) and rec.requests == 1
+
+
+def test_slot_layout_fits_and_keeps_every_field(tmp_path):
+    assert scoreboard._FORMAT.size <= scoreboard.SLOT_SIZE
+    path = str(tmp_path / "sb")
+    w = scoreboard.SlotWriter(path, 1, 2, 7, 3.5, clock=lambda: 9.0)
+    w.set_ready()
+    w.begin("DELETE", "/" + "u" * 500)
+    rec = scoreboard.Scoreboard(path, 2).read(1)
+    assert (rec.pid, rec.started, rec.inflight, rec.method) == (7, 3.5, 1, "DELETE")
+    assert rec.uri == ("/" + "u" * 500)[:scoreboard.URI_MAX]
+    assert scoreboard.Scoreboard(path, 2).read(0) is None

@@ -207,3 +207,29 @@ def test_listener_killed_mid_recycle_resumes_and_nothing_is_lost(cluster):
     assert before["wd_01"] == after["wd_01"] and "wd_00" not in c.pids()
     assert len(c.pids()) == 2
     assert "resuming recycle of wd_00" in c.watchdog_log()
+
+
+def test_published_rss_is_caught_between_timed_checks(cluster):
+    # check_interval 60 s: no timed pass runs during this test, so only the fast
+    # poll of the RSS the workers publish in the scoreboard can notice the leak.
+    c = cluster("wd_leak:application", name="wd", limits={"max_rss": "60MB"},
+                recycle={"check_interval": "60s", "ready_timeout": "20s", "flap_window": "1s"})
+    first = c.ready_workers()
+    # One client, about 10 requests (10 MB) a second.
+    load = c.load("/", threads=1, duration=30, pause=0.1).start()
+    try:
+        wait_for(lambda: recycled(c), 25, "a recycle by the fast poll")
+    finally:
+        load.stop()
+        load.join()
+    assert load.failed == 0, load.summary()
+    done = recycled(c)
+    assert done[0][1] in {str(p) for p in first.values()}, done
+    for worker, old, _, new, reason in done:
+        m = re.match(r"rss ([\d.]+)MB > 60MB", reason)
+        assert m, reason
+        # Caught within a few requests of the limit, not a check interval (60 s) later.
+        assert float(m.group(1)) <= 60 + 5, (worker, reason)
+    assert re.search(r"wd_0\d pid %s published rss [\d.]+MB > 60MB: checking now" % done[0][1],
+                     c.watchdog_log()), c.watchdog_log()
+    assert len(c.wait_ready(2, timeout=20)) == 2
