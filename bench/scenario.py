@@ -39,6 +39,26 @@ class Context:
             return "not selected (--contenders)"
         return unavailable(kind, spec)
 
+    def started(self, plan: list, result: "Result", access_log: bool = False):
+        """Start each ``(label, kind, spec)`` of ``plan`` in turn and yield
+        ``(label, kind, stack)``; the stack is stopped when the caller moves on.
+        A contender that cannot run or does not start is recorded as skipped."""
+        for label, kind, spec in plan:
+            why = self.can_run(kind, spec)
+            if why:
+                result.skipped[label] = why
+                continue
+            try:
+                stack = self.session.start(kind, spec, label=label, access_log=access_log)
+            except Exception as exc:
+                log.exception("%s did not start", label)
+                result.skipped[label] = "did not start: %s" % exc
+                continue
+            try:
+                yield label, kind, stack
+            finally:
+                self.session.stop(stack)
+
 
 @dataclass
 class Result:

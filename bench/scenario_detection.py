@@ -66,21 +66,8 @@ def run(ctx: Context) -> Result:
                         % (MAX_RSS // MB, GROW // MB))
     result.notes.append("flap guards lowered to 1 s: ours recycle.flap_window, "
                         "uWSGI --min-worker-lifetime (default 10 s)")
-    for label, kind, spec in plan:
-        why = ctx.can_run(kind, spec)
-        if why:
-            result.skipped[label] = why
-            continue
-        try:
-            stack = ctx.session.start(kind, spec, label=label)
-        except Exception as exc:
-            log.exception("%s did not start", label)
-            result.skipped[label] = "did not start: %s" % exc
-            continue
-        try:
-            times = [one(stack) for _ in range(reps)]
-        finally:
-            ctx.session.stop(stack)
+    for label, kind, stack in ctx.started(plan, result):
+        times = [one(stack) for _ in range(reps)]
         found = [t for t in times if t is not None]
         log.info("%s: detection %s", label, ["%.2f" % t if t is not None else "-" for t in times])
         result.rows.append({"contender": label, "median_s": median(found),

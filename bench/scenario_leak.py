@@ -47,22 +47,9 @@ def run(ctx: Context) -> Result:
             ("ours max_rss", "ours", Spec(app=APP, workers=ctx.workers, max_rss=MAX_RSS, env=env,
                                           extra={"flap_window": 1.0})),
             ("uwsgi --reload-on-rss", "uwsgi", Spec(app=APP, workers=ctx.workers, max_rss=MAX_RSS, env=env))]
-    for label, kind, spec in plan:
-        why = ctx.can_run(kind, spec)
-        if why:
-            result.skipped[label] = why
-            continue
-        try:
-            stack = ctx.session.start(kind, spec, label=label, access_log=True)
-        except Exception as exc:
-            log.exception("%s did not start", label)
-            result.skipped[label] = "did not start: %s" % exc
-            continue
-        try:
-            with Sampler(lambda: rss_of(stack.contender.worker_pids()), 0.25) as rss:
-                m = measure(ctx, stack, duration)
-        finally:
-            ctx.session.stop(stack)
+    for label, kind, stack in ctx.started(plan, result, access_log=True):
+        with Sampler(lambda: rss_of(stack.contender.worker_pids()), 0.25) as rss:
+            m = measure(ctx, stack, duration)
         r, start = m["result"], m["start"]
         values = [v for _, sample in rss.samples for v in sample.values()]
         over = sum(1 for v in values if v > MAX_RSS)

@@ -88,25 +88,12 @@ def run(ctx: Context) -> Result:
     plan = [(BASELINE, "flup", Spec(app=APP, workers=ctx.workers)),
             ("ours max_requests", "ours", Spec(app=APP, workers=ctx.workers, max_requests=max_requests)),
             ("uwsgi --max-requests", "uwsgi", Spec(app=APP, workers=ctx.workers, max_requests=max_requests))]
-    for label, kind, spec in plan:
-        why = ctx.can_run(kind, spec)
-        if why:
-            result.skipped[label] = why
-            continue
-        try:
-            stack = ctx.session.start(kind, spec, label=label, access_log=True)
-        except Exception as exc:
-            log.exception("%s did not start", label)
-            result.skipped[label] = "did not start: %s" % exc
-            continue
-        try:
-            action = None
-            if kind == "flup":
-                restarts: list = []
-                action = lambda stop, s=stack, d=restarts: _restart_loop(s, ctx.workers, period, stop, d)
-            m = measure(ctx, stack, duration, action)
-        finally:
-            ctx.session.stop(stack)
+    for label, kind, stack in ctx.started(plan, result, access_log=True):
+        action = None
+        if kind == "flup":
+            restarts: list = []
+            action = lambda stop, s=stack, d=restarts: _restart_loop(s, ctx.workers, period, stop, d)
+        m = measure(ctx, stack, duration, action)
         r = m["result"]
         log.info("%s: %d failed of %d, %.0f req/s, %d replacements",
                  label, r.failed, r.requests, r.rps, m["replacements"])

@@ -71,22 +71,9 @@ def run(ctx: Context) -> Result:
     plan = [(BASELINE, "flup", Spec(app=APP, workers=ctx.workers)),
             ("ours reload", "ours", Spec(app=APP, workers=ctx.workers)),
             ("uwsgi chain reload", "uwsgi", Spec(app=APP, workers=ctx.workers))]
-    for label, kind, spec in plan:
-        why = ctx.can_run(kind, spec)
-        if why:
-            result.skipped[label] = why
-            continue
-        try:
-            stack = ctx.session.start(kind, spec, label=label, access_log=True)
-        except Exception as exc:
-            log.exception("%s did not start", label)
-            result.skipped[label] = "did not start: %s" % exc
-            continue
+    for label, kind, stack in ctx.started(plan, result, access_log=True):
         marks: list = []
-        try:
-            m = measure(ctx, stack, duration, lambda stop: _reloads(stack, times, marks, stop))
-        finally:
-            ctx.session.stop(stack)
+        m = measure(ctx, stack, duration, lambda stop: _reloads(stack, times, marks, stop))
         r, start = m["result"], m["start"]
         row = {"contender": label, "failed": r.failed, "requests": r.requests, "rps": r.rps,
                "dip": dip(m["timeline"], start, marks),

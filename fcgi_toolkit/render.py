@@ -32,10 +32,13 @@ import re
 import shutil
 import tempfile
 from dataclasses import dataclass
-from typing import Mapping, Optional
+from typing import TYPE_CHECKING, Mapping, Optional
 
 from fcgi_toolkit import settings
 from fcgi_toolkit.settings import ConfigError, Deployment
+
+if TYPE_CHECKING:
+    import jinja2
 
 #: Rendered file name -> template name.
 FILES: Mapping[str, str] = {
