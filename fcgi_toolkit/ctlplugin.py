@@ -5,6 +5,7 @@ Enabled by the rendered supervisord.conf::
     [ctlplugin:fcgi]
     supervisor.ctl_factory = fcgi_toolkit.ctlplugin:make_plugin
     deploy = /path/to/deploy.toml
+    host = app1            ; a host's supervisord.conf of a [[hosts]] file only
 
 The command is ``fcgi``, never ``status``: supervisorctl's built-in
 ``status`` would shadow a plugin command of that name without a word.
@@ -35,17 +36,21 @@ USAGE = (
 class FcgiControllerPlugin(ControllerPluginBase):
     """The ``fcgi`` command of supervisorctl.
 
-    ``load_deployment`` (settings.load) and ``submit`` (hand a request to the
+    ``host`` is the ``[[hosts]]`` entry whose supervisord.conf this is
+    (None: the FCGI_TOOLKIT_HOST environment variable decides, as for every
+    command).  ``load_deployment`` (settings.load, called as
+    ``load(deploy, host=host)``) and ``submit`` (hand a request to the
     watchdog and wait for its result; :func:`submit_request`) are injected so
     the plugin can be tested without files or a watchdog.
     """
     name = "fcgi"
 
-    def __init__(self, controller: Any, deploy: str,
-                 load_deployment: Optional[Callable[[str], Any]] = None,
+    def __init__(self, controller: Any, deploy: str, host: Optional[str] = None,
+                 load_deployment: Optional[Callable[..., Any]] = None,
                  submit: Optional[Callable[..., Optional[dict]]] = None):
         super().__init__(controller)
         self.deploy = deploy
+        self.host = host
         self._load = load_deployment
         self._submit = submit or submit_request
 
@@ -116,7 +121,7 @@ class FcgiControllerPlugin(ControllerPluginBase):
         from fcgi_toolkit import settings
         load = self._load or settings.load
         try:
-            return load(self.deploy)
+            return load(self.deploy, host=self.host)
         except settings.ConfigError as exc:
             self._fail("fcgi: %s" % exc, LSBInitExitStatuses.NOT_INSTALLED)
             return None
@@ -171,8 +176,9 @@ def submit_request(dep: Any, request: dict, timeout: float, out: Any) -> Optiona
 
 
 def make_plugin(controller: Any, **config: str) -> FcgiControllerPlugin:
-    """supervisorctl's ``supervisor.ctl_factory``; ``config`` is the section's other keys."""
+    """supervisorctl's ``supervisor.ctl_factory``; ``config`` is the section's
+    other keys: ``deploy`` (required) and ``host`` (a host's supervisord.conf)."""
     deploy = config.get("deploy")
     if not deploy:
         raise ValueError("[ctlplugin:fcgi] needs deploy = /path/to/deploy.toml")
-    return FcgiControllerPlugin(controller, deploy)
+    return FcgiControllerPlugin(controller, deploy, host=config.get("host") or None)

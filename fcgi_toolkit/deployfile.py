@@ -22,7 +22,7 @@ import tempfile
 from typing import Any, Optional
 
 from fcgi_toolkit import settings
-from fcgi_toolkit.settings import REGISTRY, ConfigError, Setting
+from fcgi_toolkit.settings import HOST_REGISTRY, REGISTRY, REQUIRED, ConfigError, Setting
 
 IMPORT_TIMEOUT = 120.0
 
@@ -89,7 +89,25 @@ def starter(wsgi: str, name: str) -> str:
             shown = s.example if s.example is not None and not s.default else s.default
             note = "  (default %s)" % _toml_value(s, s.default) if shown is not s.default else ""
             lines.append("# %s = %s%s" % (s.name, _toml_value(s, shown), note))
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + hosts_example()) + "\n"
+
+
+def hosts_example() -> list[str]:
+    """The starter's commented ``[[hosts]]`` table, from HOST_REGISTRY."""
+    lines = ["", "# Several hosts behind one nginx (README: Several hosts): one [[hosts]] table per",
+             "# machine running the workers; then nginx.web_servers is required and",
+             "# workers.socket must be left out.  With control.inet_port (a port only) and",
+             "# credentials, `fcgi-toolkit status` on the web server shows every host.",
+             "# [[hosts]]"]
+    for s in HOST_REGISTRY:
+        lines.append("# %s" % s.help)
+        if s.default is REQUIRED:
+            lines.append("# %s = %s" % (s.name, _toml_value(s, s.example)))
+        elif s.default is None:   # derived (count: workers.count)
+            lines.append("# %s = %d  # default: workers.count" % (s.name, 2))
+        else:
+            lines.append("# %s = %s" % (s.name, _toml_value(s, s.default)))
+    return lines
 
 
 def default_name(wsgi: str) -> str:
@@ -185,6 +203,13 @@ def run_check(args: argparse.Namespace) -> int:
             print("fcgi-toolkit: %s: app.wsgi = %r: the app does not import:\n%s"
                   % (dep.path, dep.app.wsgi, error), file=sys.stderr)
             return 1
+    if dep.multi_host and dep.host is None:
+        where = "hosts %s" % ", ".join("%s %s (%d workers)" % (h.name, h.address, h.count)
+                                       for h in dep.hosts)
+        print("%s: ok (%s, %s, %d standby each%s)" % (
+            dep.path, dep.app.wsgi, where, dep.workers.standby,
+            "" if args.import_app else ", import not checked"))
+        return 0
     print("%s: ok (%s, %d workers + %d standby, socket %s%s)" % (
         dep.path, dep.app.wsgi, dep.workers.count, dep.workers.standby, dep.socket_url,
         "" if args.import_app else ", import not checked"))

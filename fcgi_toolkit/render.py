@@ -245,8 +245,11 @@ def render_all(dep: Deployment, host: Host, conf_dir: str) -> dict[str, str]:
     return out
 
 
-def write_atomic(files: Mapping[str, str], directory: str, mode: int = 0o644) -> list[str]:
+def write_atomic(files: Mapping[str, str], directory: str, mode: int = 0o644,
+                 modes: Optional[Mapping[str, int]] = None) -> list[str]:
     """Write every file into ``directory``: temp file + os.replace each.
+
+    ``modes`` overrides ``mode`` for the files it names.
 
     All temporary files are written before the first one is moved, so a
     failure while writing leaves the directory as it was.
@@ -263,7 +266,7 @@ def write_atomic(files: Mapping[str, str], directory: str, mode: int = 0o644) ->
             pending.append((tmp, final))
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 f.write(text)
-            os.chmod(tmp, mode)
+            os.chmod(tmp, (modes or {}).get(filename, mode))
     except BaseException:
         for tmp, _ in pending:
             try:
@@ -280,7 +283,15 @@ def render(dep: Deployment, out_dir: Optional[str] = None, host: Optional[Host] 
     """Render every file for ``dep`` into ``out_dir`` (default: its runtime dir)."""
     out_dir = os.path.abspath(out_dir or dep.runtime_dir)
     files = render_all(dep, host or Host.probe(dep), out_dir)
-    return write_atomic(files, out_dir)
+    return write_rendered(dep, files, out_dir)
+
+
+def write_rendered(dep: Deployment, files: Mapping[str, str], out_dir: str) -> list[str]:
+    """Write what :func:`render_all` made; a supervisord.conf that carries the
+    TCP control port's password is readable by its owner only."""
+    private = 0o600 if dep.control.password else 0o644
+    modes = {name: private for name in files if os.path.basename(name) == "supervisord.conf"}
+    return write_atomic(files, out_dir, modes=modes)
 
 
 # -- command --------------------------------------------------------------

@@ -7,6 +7,11 @@ record the signal; the wait loop forwards it), which stops nginx, the
 watchdog and the workers gracefully.  When supervisord has exited, a socket
 file it left behind is removed and its exit status becomes ours.
 
+With ``[[hosts]]``, ``run`` runs one host: ``FCGI_TOOLKIT_HOST=NAME
+fcgi-toolkit run`` starts that host's supervisord (workers, watchdog, no
+nginx).  The web server's nginx is not run by ``run``: it refuses the front
+view and says what to do instead.
+
 ``demo`` writes a deployment file for the built-in demo app
 (:mod:`fcgi_toolkit.demo`) into a fresh temporary directory and runs it.
 """
@@ -36,7 +41,7 @@ def prepare(dep: Deployment, host: Optional[render.Host] = None) -> list[str]:
     for directory in (dep.runtime_dir, dep.log_dir):
         os.makedirs(directory, mode=0o755, exist_ok=True)
     scoreboard.create(dep.scoreboard_path, dep.slots)
-    return render.write_atomic(files, dep.runtime_dir)
+    return render.write_rendered(dep, files, dep.runtime_dir)
 
 
 def supervisord_command(dep: Deployment) -> list[str]:
@@ -45,17 +50,29 @@ def supervisord_command(dep: Deployment) -> list[str]:
 
 def check_runnable(dep: Deployment) -> None:
     """Refuse early, with one line, what supervisord would only log."""
+    if dep.multi_host and dep.host is None:
+        raise ConfigError(
+            "%s: [[hosts]]: run starts one host, not the web server; on the web server run nginx "
+            "with the rendered files (fcgi-toolkit render -c %s; nginx -c .../nginx.conf), on each "
+            "host: FCGI_TOOLKIT_HOST=NAME fcgi-toolkit run -c %s (hosts: %s)"
+            % (dep.path, dep.path, dep.path, ", ".join(dep.host_names())))
+    if dep.multi_host:
+        return  # a host's supervisord never runs nginx (nginx.managed is single-host only)
     if dep.nginx.managed and not render.find_nginx(dep.nginx.binary):
         raise ConfigError("%s: nginx.managed = true: no nginx executable found; install nginx, "
                           "set nginx.binary, or set nginx.managed = false" % dep.path)
 
 
 def banner(dep: Deployment) -> str:
-    lines = ["fcgi-toolkit: running %s (%d workers + %d standby)"
-             % (dep.name, dep.workers.count, dep.workers.standby)]
-    if dep.nginx.managed:
+    lines = ["fcgi-toolkit: running %s%s (%d workers + %d standby)"
+             % (dep.name, " on host %s" % dep.host.name if dep.host else "",
+                dep.workers.count, dep.workers.standby)]
+    if dep.nginx.managed and not dep.multi_host:
         lines.append("  open:    http://%s%s" % (_http_host(dep.nginx.listen), dep.nginx.location))
     lines.append("  socket:  %s" % dep.socket_url)
+    if dep.host is not None:
+        lines.append("  nginx:   on the web server (%s), with fcgi-toolkit render's nginx files"
+                     % ", ".join(dep.nginx.web_servers))
     lines.append("  logs:    %s" % dep.log_dir)
     lines.append("  control: supervisorctl -c %s status" % dep.supervisord_conf)
     lines.append("  stop:    Ctrl-C (or kill -TERM %d)" % os.getpid())

@@ -469,7 +469,7 @@ REGISTRY: tuple[Setting, ...] = (
             "Prometheus metrics address (loopback); empty: off."),
     # [control]
     Setting("control", "inet_port", optional_listen_address, "",
-            "supervisord TCP control port (needs username and password); empty: unix socket only."),
+            "supervisord TCP control port (needs username and password); with [[hosts]] a port only, bound on each host's own address; empty: unix socket only."),
     Setting("control", "username", plain_text, "",
             "User name for the TCP control port."),
     Setting("control", "password", plain_text, "",
@@ -557,7 +557,8 @@ class Deployment:
     as if it were a single-host file: workers.count is the host's count,
     workers.socket its ``tcp://address``, runtime.dir and runtime.log_dir
     get a ``/<host>`` subdirectory (so hosts never share a scoreboard or a
-    control socket, even on one machine).
+    control socket, even on one machine), and a control.inet_port (a bare
+    port in a multi-host file) becomes ``<host IP>:<port>``.
     """
     path: str
     sections: Mapping[str, Section] = field(repr=False)
@@ -714,6 +715,27 @@ def _parse_hosts(raw: Any, path: str, workers_count: int) -> tuple:
     return tuple(out)
 
 
+def _check_host_control(path: str, inet_port: str, hosts: tuple) -> None:
+    """With ``[[hosts]]``, control.inet_port is a port only: each host's
+    supervisord listens on that port of the host's own address (never a
+    wildcard), where ``status`` on the web server reaches it."""
+    if not inet_port:
+        return
+    if not inet_port.isdigit():
+        raise _error(path, "control.inet_port", inet_port,
+                     "with [[hosts]] give a port only, like \"9001\": each host's supervisord "
+                     "listens on that port of the host's own address")
+    for i, spec in enumerate(hosts):
+        if spec.port == int(inet_port):
+            raise _error(path, "hosts[%d].address" % i, spec.address,
+                         "its port is control.inet_port too; use another port for one of them")
+        for earlier in hosts[:i]:
+            if earlier.ip == spec.ip:
+                raise _error(path, "hosts[%d].address" % i, spec.address,
+                             "host %s has the same IP, so their control ports (control.inet_port) "
+                             "would collide" % earlier.name)
+
+
 def _host_view(front: Deployment, host_name: str, key: str) -> Deployment:
     """``front`` seen from one host; ``key`` names where the host name came from."""
     if not front.hosts:
@@ -726,6 +748,9 @@ def _host_view(front: Deployment, host_name: str, key: str) -> Deployment:
     sections["workers"].update(count=spec.count, socket="tcp://" + spec.address)
     sections["runtime"].update(dir=os.path.join(front.runtime_dir, spec.name),
                                log_dir=os.path.join(front.log_dir, spec.name))
+    if front.control.inet_port:
+        # The host's supervisord binds the control port on the host's own address.
+        sections["control"].update(inet_port="%s:%s" % (spec.ip, front.control.inet_port))
     return Deployment(path=front.path, hosts=front.hosts, host=spec, sections=MappingProxyType(
         {section: Section(vals) for section, vals in sections.items()}))
 
@@ -808,6 +833,7 @@ def parse(data: Mapping[str, Any], path: str, host: Optional[str] = None) -> Dep
         if not values["nginx"]["web_servers"]:
             raise _error(path, "nginx.web_servers", [],
                          "required with [[hosts]]: the IP addresses nginx connects to the workers from")
+        _check_host_control(path, values["control"]["inet_port"], hosts)
         # The front view has no worker socket of its own.
         values["workers"]["socket"] = ""
     dep = Deployment(path=path, hosts=hosts, sections=MappingProxyType(

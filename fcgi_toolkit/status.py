@@ -32,30 +32,64 @@ thin I/O shell (RPC, the watchdog's sampler, state file) shared by the
         "recycles": 1,
         "last_reason": "requests 1043 >= 1021",   # or null
         "last_recycle_time": 1767225500.0}]}      # or null
+
+On the web server of a multi-host deployment (``[[hosts]]``, no
+FCGI_TOOLKIT_HOST) ``status`` asks every host's supervisord over its TCP
+control port (control.inet_port with control.username/password) and prints
+supervisord's view of each host: state, pid and uptime per worker.  RSS,
+requests, in-flight requests and recycles live in each host's scoreboard and
+state file, so they are null here (``FCGI_TOOLKIT_HOST=NAME fcgi-toolkit
+status`` on the host shows them).  A host that does not answer is "down";
+the exit status is then 1.  ``--json``::
+
+    {"group": "wiki",
+     "generated_at": 1767225600.0,
+     "up": 2,                    # hosts that answered
+     "down": ["app2"],           # hosts that did not
+     "hosts": [
+       {"name": "app1",
+        "address": "10.0.0.11:9000",          # the host's worker socket
+        "control_url": "http://10.0.0.11:9001",
+        "backup": false,
+        "up": true,
+        "error": null,           # why the host is down, else null
+        "count": 8,              # the host's workers.count
+        "standby": 1,
+        "running": 8,            # workers RUNNING in supervisord
+        "workers": [...]},       # as above; state "running" (readiness is not
+                                 # known remotely), unknown values null
+       {"name": "app2", ..., "up": false,
+        "error": "connection refused at http://10.0.0.12:9001 ...", "running": 0, "workers": []}]}
 """
 from __future__ import annotations
 
 import argparse
 import errno
+import http.client
 import json
 import os
 import sys
 import time
+import urllib.parse
 import xmlrpc.client
+from xml.parsers.expat import ExpatError
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
 
 from supervisor.states import ProcessStates, getProcessStateDescription
+from supervisor.xmlrpc import SupervisorTransport
 
 from fcgi_toolkit.scoreboard import Scoreboard, SlotRecord
 
 if TYPE_CHECKING:  # the sampler imports psutil: only when gathering
     from fcgi_toolkit.policy import SlotSnapshot
-    from fcgi_toolkit.settings import Deployment
+    from fcgi_toolkit.settings import Deployment, HostSpec
 
 # Every value of WorkerView.state, in the order an operator reads them.
 STATES: dict[str, str] = {
     "ready": "running, app imported, no request in flight",
+    "running": "running on a remote host (readiness is in that host's scoreboard)",
     "busy": "running and serving at least one request",
     "draining": "asked to stop: finishing in-flight requests, accepting none",
     "flapping": "broke a limit soon after it started; the watchdog backs off",
@@ -66,6 +100,7 @@ STATES: dict[str, str] = {
     "exited": "exited unexpectedly; supervisord restarts it",
     "fatal": "could not be started; needs the operator",
     "unknown": "supervisord does not know the state",
+    "down": "the host's supervisord did not answer (multi-host status)",
 }
 
 _UP = (ProcessStates.RUNNING, ProcessStates.STARTING)
@@ -94,7 +129,7 @@ class WorkerView:
     requests: Optional[int]
     age_seconds: Optional[float]
     inflight: Optional[Inflight]
-    recycles: int
+    recycles: Optional[int]  # None on a remote host (its state file is there)
     last_reason: Optional[str]
     last_recycle_time: Optional[float]
     serving: bool            # running, ready, not draining: counts as ready capacity
@@ -117,7 +152,40 @@ class GroupStatus:
 
     @property
     def recycles(self) -> int:
-        return sum(w.recycles for w in self.workers)
+        return sum(w.recycles or 0 for w in self.workers)
+
+
+@dataclass(frozen=True)
+class HostStatus:
+    """One host of a multi-host deployment, as its supervisord reports it."""
+    name: str
+    address: str              # the host's worker socket, "IPv4:port"
+    control_url: str          # where its supervisord was asked
+    backup: bool
+    count: int
+    standby: int
+    workers: tuple[WorkerView, ...]   # empty when the host is down
+    error: Optional[str] = None       # why the host is down; None when it answered
+
+    @property
+    def up(self) -> bool:
+        return self.error is None
+
+    @property
+    def running(self) -> int:
+        return sum(1 for w in self.workers if w.supervisor_state == "RUNNING")
+
+
+@dataclass(frozen=True)
+class DeploymentStatus:
+    """Every host of a multi-host deployment, seen from the web server."""
+    group: str
+    hosts: tuple[HostStatus, ...]
+    generated_at: float
+
+    @property
+    def down(self) -> list[str]:
+        return [h.name for h in self.hosts if not h.up]
 
 
 # --------------------------------------------------------------------------
@@ -218,6 +286,70 @@ def group_status(group: str, count: int, standby: int, slot_names: Sequence[str]
                        reload=_mapping(state.get("reload")) or None)
 
 
+def remote_worker_view(name: str, info: Optional[Mapping[str, Any]],
+                       capacity_short: bool) -> WorkerView:
+    """One slot of a remote host from supervisord's process info alone.
+
+    RUNNING is "running", not "ready": whether the app is imported and
+    accepting is in the host's scoreboard, which only the host can read.
+    The age is supervisord's ``now - start`` (the host's own clock, so a
+    skewed web server clock does not matter).  RSS, requests, the
+    in-flight request and the recycle history are unknown (None).
+    """
+    info = info or {}
+    code = info.get("state", ProcessStates.UNKNOWN)
+    if code == ProcessStates.RUNNING:
+        state = "running"
+    else:
+        state = derive_state(code, None, {}, capacity_short, 0.0)
+    up = code in (ProcessStates.RUNNING, ProcessStates.STARTING, ProcessStates.STOPPING)
+    pid = info.get("pid") if up and info.get("pid") else None
+    start, now = _number(info.get("start")), _number(info.get("now"))
+    return WorkerView(
+        name=name, state=state,
+        supervisor_state=getProcessStateDescription(code) or "UNKNOWN",
+        pid=pid, rss_bytes=None, requests=None,
+        age_seconds=max(0.0, now - start) if up and start and now else None,
+        inflight=None, recycles=None, last_reason=None, last_recycle_time=None,
+        serving=False, by_reason={})
+
+
+def host_status(group: str, spec: "HostSpec", standby: int, control_url: str,
+                infos: Sequence[Mapping[str, Any]]) -> HostStatus:
+    """A host that answered: its slots from ``getAllProcessInfo`` (any group)."""
+    names = ["%s_%02d" % (group, i) for i in range(spec.count + standby)]
+    mine = {i.get("name"): i for i in infos if i.get("group") == group}
+    up = sum(1 for n in names if mine.get(n, {}).get("state") in _UP)
+    workers = tuple(remote_worker_view(n, mine.get(n), up < spec.count) for n in names)
+    return HostStatus(name=spec.name, address=spec.address, control_url=control_url,
+                      backup=spec.backup, count=spec.count, standby=standby, workers=workers)
+
+
+def host_down(spec: "HostSpec", standby: int, control_url: str, reason: str) -> HostStatus:
+    return HostStatus(name=spec.name, address=spec.address, control_url=control_url,
+                      backup=spec.backup, count=spec.count, standby=standby, workers=(),
+                      error=reason)
+
+
+def unreachable_reason(url: str, exc: BaseException, timeout: float) -> str:
+    """Why a host's supervisord did not answer, in one line."""
+    if isinstance(exc, xmlrpc.client.ProtocolError):
+        if exc.errcode == 401:
+            return ("%s refused the credentials: control.username and control.password "
+                    "differ from that host's" % url)
+        return "%s answered HTTP %d %s, not XML-RPC" % (url, exc.errcode, exc.errmsg)
+    if isinstance(exc, xmlrpc.client.Fault):
+        return "supervisord at %s refused: %s" % (url, exc.faultString)
+    if isinstance(exc, TimeoutError):
+        return "no answer from %s within %gs" % (url, timeout)
+    if isinstance(exc, OSError) and exc.errno == errno.ECONNREFUSED:
+        return ("connection refused at %s: is the host's supervisord running, "
+                "rendered with this control.inet_port?" % url)
+    if isinstance(exc, OSError) and exc.errno:
+        return "cannot reach %s: %s" % (url, os.strerror(exc.errno))
+    return "%s did not answer XML-RPC: %s" % (url, exc or type(exc).__name__)
+
+
 def _mapping(value: Any) -> Mapping[str, Any]:
     return value if isinstance(value, Mapping) else {}
 
@@ -292,7 +424,8 @@ def format_table(status: GroupStatus) -> str:
                     if w.inflight else "-")
         rows.append((w.name, w.state, str(w.pid) if w.pid else "-", format_bytes(w.rss_bytes),
                      "-" if w.requests is None else str(w.requests),
-                     format_duration(w.age_seconds), str(w.recycles),
+                     format_duration(w.age_seconds),
+                     "-" if w.recycles is None else str(w.recycles),
                      w.last_reason or "-", inflight))
     widths = [max(len(r[i]) for r in rows) for i in range(len(_COLUMNS) - 1)]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(r, widths)) + "  " + r[-1]
@@ -309,21 +442,85 @@ def to_json(status: GroupStatus) -> dict:
         "ready": status.ready,
         "recycles": status.recycles,
         "generated_at": status.generated_at,
-        "workers": [{
-            "name": w.name,
-            "state": w.state,
-            "supervisor_state": w.supervisor_state,
-            "pid": w.pid,
-            "rss_bytes": w.rss_bytes,
-            "requests": w.requests,
-            "age_seconds": None if w.age_seconds is None else round(w.age_seconds, 3),
-            "inflight": None if w.inflight is None else {
-                "method": w.inflight.method, "uri": w.inflight.uri,
-                "seconds": round(w.inflight.seconds, 3)},
-            "recycles": w.recycles,
-            "last_reason": w.last_reason,
-            "last_recycle_time": w.last_recycle_time,
-        } for w in status.workers],
+        "workers": [_worker_json(w) for w in status.workers],
+    }
+
+
+def _worker_json(w: WorkerView) -> dict:
+    return {
+        "name": w.name,
+        "state": w.state,
+        "supervisor_state": w.supervisor_state,
+        "pid": w.pid,
+        "rss_bytes": w.rss_bytes,
+        "requests": w.requests,
+        "age_seconds": None if w.age_seconds is None else round(w.age_seconds, 3),
+        "inflight": None if w.inflight is None else {
+            "method": w.inflight.method, "uri": w.inflight.uri,
+            "seconds": round(w.inflight.seconds, 3)},
+        "recycles": w.recycles,
+        "last_reason": w.last_reason,
+        "last_recycle_time": w.last_recycle_time,
+    }
+
+
+_HOST_COLUMNS = ("HOST", "WORKER", "STATE", "PID", "AGE", "NOTE")
+
+#: Printed under the multi-host table: what it cannot show, and where to look.
+REMOTE_NOTE = ("Remote hosts show supervisord's view only (state, pid, uptime); RSS, requests, "
+               "in-flight requests and recycles: FCGI_TOOLKIT_HOST=NAME fcgi-toolkit status "
+               "on that host.")
+
+
+def format_hosts_table(status: DeploymentStatus) -> str:
+    """The multi-host table: a row per slot of every host (one row for a
+    host that is down), a summary line, then :data:`REMOTE_NOTE`."""
+    rows = [_HOST_COLUMNS]
+    for h in status.hosts:
+        if not h.up:
+            rows.append((h.name, "-", "down", "-", "-", h.error or ""))
+            continue
+        for w in h.workers:
+            rows.append((h.name, w.name, w.state, str(w.pid) if w.pid else "-",
+                         format_duration(w.age_seconds), "backup host" if h.backup else ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(_HOST_COLUMNS) - 1)]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(r, widths)) + "  " + r[-1]
+             for r in rows]
+    return ("\n".join(line.rstrip() for line in lines) + "\n" + hosts_summary_line(status)
+            + "\n" + REMOTE_NOTE + "\n")
+
+
+def hosts_summary_line(status: DeploymentStatus) -> str:
+    down = status.down
+    up = len(status.hosts) - len(down)
+    line = "%s: %d host%s, %d up, %d down" % (status.group, len(status.hosts),
+                                            "" if len(status.hosts) == 1 else "s", up, len(down))
+    if down:
+        line += " (%s)" % ", ".join(down)
+    running = sum(h.running for h in status.hosts)
+    wanted = sum(h.count for h in status.hosts)
+    return line + "; %d/%d workers running" % (running, wanted)
+
+
+def hosts_to_json(status: DeploymentStatus) -> dict:
+    """The documented multi-host ``status --json`` object (module docstring)."""
+    return {
+        "group": status.group,
+        "generated_at": status.generated_at,
+        "up": len(status.hosts) - len(status.down),
+        "down": status.down,
+        "hosts": [{
+            "name": h.name,
+            "address": h.address,
+            "control_url": h.control_url,
+            "backup": h.backup,
+            "up": h.up,
+            "error": h.error,
+            "count": h.count,
+            "standby": h.standby,
+            "running": h.running,
+            "workers": [_worker_json(w) for w in h.workers],
+        } for h in status.hosts],
     }
 
 
@@ -390,6 +587,97 @@ def _unavailable_reason(dep: "Deployment", exc: OSError, server_url: Optional[st
     return "cannot reach supervisord at %s: %s" % (where, exc.strerror or exc)
 
 
+# -- several hosts -------------------------------------------------------------
+
+#: Seconds each host's supervisord has to answer (connect, then each read).
+HOST_TIMEOUT = 5.0
+
+
+class TimedSupervisorTransport(SupervisorTransport):
+    """supervisor's XML-RPC transport (basic auth, persistent connection)
+    over ``http://host:port`` with a socket timeout, so that a blackholed
+    host costs ``timeout`` seconds instead of hanging ``status``."""
+
+    def __init__(self, username: Optional[str], password: Optional[str], serverurl: str,
+                 timeout: float):
+        super().__init__(username, password, serverurl)
+        parsed = urllib.parse.urlparse(serverurl)
+        host, port = parsed.hostname, parsed.port or 80
+        self._get_connection = lambda: http.client.HTTPConnection(host, port, timeout=timeout)
+
+
+def control_url(dep: "Deployment", spec: "HostSpec") -> str:
+    """Where host ``spec``'s supervisord listens: control.inet_port on its own IP."""
+    return "http://%s:%s" % (spec.ip, dep.control.inet_port)
+
+
+def host_proxy(url: str, username: str, password: str,
+               timeout: float = HOST_TIMEOUT) -> xmlrpc.client.ServerProxy:
+    """An XML-RPC proxy of one host's supervisord; use it as a context manager."""
+    return xmlrpc.client.ServerProxy(
+        url + "/RPC2", transport=TimedSupervisorTransport(username, password, url, timeout))
+
+
+def query_host(group: str, spec: "HostSpec", standby: int, url: str, server: Any,
+               timeout: float) -> HostStatus:
+    """Ask one host's supervisord (``server``: a ServerProxy-like context
+    manager) who it is and what its processes are; a host that does not
+    answer, or answers as another supervisord, is down."""
+    expected = "%s_%s" % (group, spec.name)   # identifier in the host's supervisord.conf
+    try:
+        with server:
+            rpc = server.supervisor
+            identity = rpc.getIdentification()
+            if identity != expected:
+                return host_down(spec, standby, url,
+                                 "%s is supervisord %r, not %r: control.inet_port of another "
+                                 "deployment or host?" % (url, identity, expected))
+            infos = rpc.getAllProcessInfo()
+    except (OSError, xmlrpc.client.Error, http.client.HTTPException, ExpatError) as exc:
+        return host_down(spec, standby, url, unreachable_reason(url, exc, timeout))
+    return host_status(group, spec, standby, url, infos)
+
+
+def require_host_control(dep: "Deployment") -> None:
+    """Raise ConfigError (one line) unless the hosts' control ports are configured."""
+    from fcgi_toolkit.settings import ConfigError
+    if not dep.control.inet_port:
+        raise ConfigError(
+            "%s: control.inet_port = '': status on the web server asks each host's supervisord "
+            "over TCP; set control.inet_port, control.username and control.password (then render "
+            "and restart the hosts), or run status on a host: FCGI_TOOLKIT_HOST=NAME "
+            "fcgi-toolkit status -c %s" % (dep.path, dep.path))
+
+
+def gather_hosts(dep: "Deployment", connect: Optional[Callable[[str], Any]] = None,
+                 timeout: float = HOST_TIMEOUT, now: Optional[float] = None) -> DeploymentStatus:
+    """Every host of the front view ``dep``, asked at once (a slow host
+    costs at most ``timeout``, not ``timeout`` per host).
+
+    ``connect(url)`` returns a ServerProxy-like context manager (default:
+    :func:`host_proxy` with control.username/password).
+    """
+    require_host_control(dep)
+    if connect is None:
+        def connect(url: str) -> xmlrpc.client.ServerProxy:
+            return host_proxy(url, dep.control.username, dep.control.password, timeout)
+    now = time.time() if now is None else now
+    standby = dep.workers.standby
+
+    def one(spec: "HostSpec") -> HostStatus:
+        url = control_url(dep, spec)
+        try:
+            server = connect(url)
+        except (OSError, ValueError) as exc:
+            return host_down(spec, standby, url, unreachable_reason(url, exc, timeout))
+        return query_host(dep.name, spec, standby, url, server, timeout)
+
+    with ThreadPoolExecutor(max_workers=min(8, len(dep.hosts)),
+                            thread_name_prefix="status-host") as pool:
+        hosts = tuple(pool.map(one, dep.hosts))
+    return DeploymentStatus(group=dep.name, hosts=hosts, generated_at=now)
+
+
 # --------------------------------------------------------------------------
 # Command
 # --------------------------------------------------------------------------
@@ -399,11 +687,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="deployment file (default: deploy.toml)")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object (documented in README: Operator commands)")
+    parser.add_argument("--timeout", type=float, default=HOST_TIMEOUT, metavar="SECONDS",
+                        help="with [[hosts]], on the web server: how long each host's supervisord "
+                             "has to answer (default: %(default)gs)")
 
 
 def run(args: argparse.Namespace) -> int:
+    """Exit status: 0 shown; 1 supervisord (or, on a multi-host web
+    server, any host) did not answer; 2 bad deployment file."""
     from fcgi_toolkit import settings
     dep = settings.load(args.config)
+    if dep.multi_host and dep.host is None:
+        return run_hosts(dep, args.json, args.timeout)
     try:
         status = gather(dep, supervisor_proxy(dep))
     except SupervisorUnavailable as exc:
@@ -418,3 +713,16 @@ def run(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(format_table(status))
     return 0
+
+
+def run_hosts(dep: "Deployment", as_json: bool, timeout: float = HOST_TIMEOUT) -> int:
+    """``status`` on the web server of a multi-host deployment; 1 if any host is down."""
+    deployment = gather_hosts(dep, timeout=timeout)
+    if as_json:
+        print(json.dumps(hosts_to_json(deployment), indent=2, sort_keys=False))
+    else:
+        sys.stdout.write(format_hosts_table(deployment))
+    for h in deployment.hosts:
+        if not h.up:
+            print("fcgi-toolkit: host %s is down: %s" % (h.name, h.error), file=sys.stderr)
+    return 1 if deployment.down else 0

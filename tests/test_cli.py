@@ -204,3 +204,104 @@ def test_run_refuses_a_missing_nginx(tmp_path):
     r = toolkit("run", "-c", str(path))
     assert r.returncode == 2 and "nginx.managed" in r.stderr
     assert sorted(os.listdir(tmp_path)) == ["deploy.toml"]
+
+
+# -- several hosts: run on a host, never on the front view; init's example ----
+
+def multi_host_file(tmp_path, runtime_dir, port=9000) -> str:
+    path = tmp_path / "deploy.toml"
+    path.write_text(GOOD + '[workers]\ncount = 1\nstandby = 1\ngraceful_timeout = "5s"\n'
+                    '[nginx]\nweb_servers = ["127.0.0.1"]\nbinary = "/nonexistent/nginx"\n'
+                    '[runtime]\ndir = "%s"\n'
+                    '[[hosts]]\nname = "web1"\naddress = "127.0.0.2:%d"\n'
+                    '[[hosts]]\nname = "web2"\naddress = "127.0.0.3:%d"\n' % (runtime_dir, port, port))
+    return str(path)
+
+
+def test_run_refuses_the_front_view_of_a_multi_host_file(tmp_path):
+    path = multi_host_file(tmp_path, tmp_path / "rt")
+    env = {k: v for k, v in os.environ.items() if k != settings.HOST_ENV}
+    r = subprocess.run([sys.executable, "-m", "fcgi_toolkit", "run", "-c", path], env=env,
+                       stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stdout == ""
+    (line,) = r.stderr.strip().splitlines()
+    assert line.startswith("fcgi-toolkit: %s: [[hosts]]: " % path)
+    assert "FCGI_TOOLKIT_HOST=NAME fcgi-toolkit run -c %s" % path in line
+    assert "nginx -c" in line and "(hosts: web1, web2)" in line
+    assert sorted(os.listdir(tmp_path)) == ["deploy.toml"], "nothing rendered or started"
+
+    # check on the same view names the hosts (there is no worker socket of its own).
+    r = subprocess.run([sys.executable, "-m", "fcgi_toolkit", "check", "-c", path], env=env,
+                       stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "hosts web1 127.0.0.2:9000 (1 workers), web2 127.0.0.3:9000 (1 workers)" in r.stdout
+
+
+def test_run_on_a_host_view_needs_no_nginx(tmp_path):
+    """FCGI_TOOLKIT_HOST=web1 fcgi-toolkit run: that host's supervisord, its
+    workers on the host's address, no nginx (none is installed here: the
+    configured binary does not exist) and no "open:" URL; TERM stops it."""
+    import signal
+    import socket
+    import tempfile
+    import threading
+    import time
+    from harness import free_port
+    runtime_dir = tempfile.mkdtemp(prefix="fct-h11-")
+    proc = None
+    try:
+        port = free_port("127.0.0.2")
+        path = multi_host_file(tmp_path, runtime_dir, port)
+        dep = settings.load(path, host="web1")
+        proc = subprocess.Popen([sys.executable, "-m", "fcgi_toolkit", "run", "-c", path],
+                                env=dict(os.environ, FCGI_TOOLKIT_HOST="web1"),
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+        lines = []
+        reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+        reader.start()
+
+        def serving() -> bool:
+            assert proc.poll() is None, "run exited: %r" % lines
+            try:
+                with socket.create_connection(("127.0.0.2", port), timeout=2):
+                    return True
+            except OSError:
+                return False
+
+        deadline = time.monotonic() + 60
+        while not serving():
+            assert time.monotonic() < deadline, "web1's socket never listened: %r" % lines
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+        reader.join(10)
+        text = "".join(lines)
+        assert "fcgi-toolkit: running core on host web1 (1 workers + 1 standby)" in text
+        assert "socket:  tcp://127.0.0.2:%d" % port in text
+        assert "open:" not in text and "nginx.managed" not in text
+        assert os.path.isfile(dep.supervisord_conf) and dep.runtime_dir == os.path.join(runtime_dir, "web1")
+        assert "nginx.conf" not in os.listdir(dep.runtime_dir), "a host renders no nginx files"
+    finally:
+        if proc is not None and proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+        shutil.rmtree(runtime_dir, ignore_errors=True)
+
+
+def test_init_shows_a_commented_hosts_example(tmp_path):
+    r = toolkit("init", "core_app:application", cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    text = (tmp_path / "deploy.toml").read_text()
+    assert "\n# [[hosts]]\n" in text
+    for s in settings.HOST_REGISTRY:
+        assert re.search(r"^# %s = " % s.name, text[text.index("# [[hosts]]"):], re.M), s.name
+    # Uncommented (table and keys) and with nginx.web_servers, it is a valid multi-host file.
+    example = text[text.index("# [[hosts]]"):]
+    head = re.sub(r"^# web_servers = .*$", 'web_servers = ["10.0.0.5"]',
+                  text[:text.index("# [[hosts]]")], flags=re.M)
+    uncommented = re.sub(r"^# (\[\[hosts\]\]|[a-z_]+ = )", r"\1", example, flags=re.M)
+    (tmp_path / "deploy.toml").write_text(head + uncommented)
+    dep = settings.load(str(tmp_path / "deploy.toml"), host="")
+    assert dep.host_names() == ["web1"] and dep.hosts[0].address == "10.0.0.11:9000"
+    assert dep.nginx.web_servers == ["10.0.0.5"] and dep.hosts[0].count == 2

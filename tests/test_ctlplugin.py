@@ -205,7 +205,7 @@ def test_make_plugin_needs_deploy():
 def test_supervisorctl_loads_the_plugin_from_its_config(deploy, tmp_path):
     """supervisorctl's own option parser and Controller, as `supervisorctl -c` would do."""
     from supervisor.options import ClientOptions
-    dep = settings.load(deploy)
+    settings.load(deploy)  # the fixture file is valid
     conf = tmp_path / "supervisord.conf"
     elsewhere = tmp_path / "elsewhere.sock"
     conf.write_text("[supervisorctl]\nserverurl=unix://%s\n\n"
@@ -229,3 +229,85 @@ def test_supervisorctl_loads_the_plugin_from_its_config(deploy, tmp_path):
     out.clear()
     controller.onecmd("help fcgi")
     assert "fcgi recycle NAME" in "".join(out)
+
+
+# -- a host of a multi-host deployment ([ctlplugin:fcgi] host = NAME) ----------
+
+@pytest.fixture
+def multi_deploy(tmp_path):
+    path = tmp_path / "deploy.toml"
+    path.write_text('[app]\nname = "wiki"\nwsgi = "app:application"\n'
+                    '[workers]\ncount = 1\nstandby = 1\n'
+                    '[nginx]\nweb_servers = ["127.0.0.1"]\n'
+                    '[runtime]\ndir = "%s"\n'
+                    '[[hosts]]\nname = "web1"\naddress = "127.0.0.2:9000"\n'
+                    '[[hosts]]\nname = "web2"\naddress = "127.0.0.3:9000"\ncount = 3\n'
+                    % (tmp_path / "rt"))
+    return str(path)
+
+
+def test_plugin_reads_its_hosts_view(multi_deploy, monkeypatch):
+    monkeypatch.delenv(settings.HOST_ENV, raising=False)
+    rpc = RecordingRPC([dict(NOW_INFO, name="wiki_03", group="wiki", state=ProcessStates.STOPPED,
+                             statename="STOPPED")])
+    ctl = FakeController(rpc)
+    plugin = make_plugin(ctl, deploy=multi_deploy, host="web2")
+    assert plugin.host == "web2"
+    plugin.do_fcgi("status --json")
+    obj = json.loads("\n".join(ctl.lines))
+    # web2's view: its count (3) + standby (1) slots, not the front view's.
+    assert [w["name"] for w in obj["workers"]] == ["wiki_00", "wiki_01", "wiki_02", "wiki_03"]
+    assert obj["count"] == 3 and ctl.exitstatus == LSBInitExitStatuses.SUCCESS
+
+    # recycle/reload go to that host's watchdog (its runtime dir).
+    seen = []
+
+    def submit(dep, request, timeout, out):
+        seen.append((dep.runtime_dir, request))
+        return {"ok": True, "message": "done"}
+
+    ctl = FakeController()
+    plugin = FcgiControllerPlugin(ctl, multi_deploy, host="web2", submit=submit)
+    os.makedirs(settings.load(multi_deploy, host="web2").runtime_dir)
+    plugin.do_fcgi("recycle wiki_01")
+    web2_dir = os.path.join(settings.load(multi_deploy, host="").runtime_dir, "web2")
+    assert seen == [(web2_dir, {"op": "recycle", "worker": "wiki_01"})]
+    assert ctl.exitstatus == LSBInitExitStatuses.SUCCESS
+
+
+def test_plugin_without_host_follows_the_environment(multi_deploy, monkeypatch):
+    loads = []
+
+    def load(path, host=None):
+        loads.append((path, host))
+        return settings.load(path, host=host)
+
+    monkeypatch.setenv(settings.HOST_ENV, "web1")
+    ctl = FakeController(RecordingRPC([]))
+    plugin = FcgiControllerPlugin(ctl, multi_deploy, load_deployment=load)
+    plugin.do_fcgi("status --json")
+    assert loads == [(multi_deploy, None)]
+    assert json.loads("\n".join(ctl.lines))["count"] == 1   # web1's view, from FCGI_TOOLKIT_HOST
+
+
+def test_supervisorctl_loads_the_host_from_the_rendered_conf(multi_deploy, monkeypatch):
+    """The host's rendered supervisord.conf, read by supervisorctl's own option parser."""
+    from supervisor.options import ClientOptions
+    from fcgi_toolkit import render
+    monkeypatch.delenv(settings.HOST_ENV, raising=False)
+    dep = settings.load(multi_deploy, host="web2")
+    host = render.Host(euid=1000, user="alice", nginx_binary="/usr/sbin/nginx", mime_types="")
+    conf = os.path.join(dep.runtime_dir, "supervisord.conf")
+    os.makedirs(dep.runtime_dir)
+    with open(conf, "w") as f:
+        f.write(render.render_all(dep, host, dep.runtime_dir)["supervisord.conf"])
+    options = ClientOptions()
+    options.realize(args=["-c", conf])
+    out = []
+    controller = Controller(options, stdout=SimpleNamespace(write=out.append, flush=lambda: None))
+    (plugin,) = [p for p in options.plugins if p.name == "fcgi"]
+    assert plugin.host == "web2" and plugin.deploy == multi_deploy
+    controller.onecmd("fcgi status")
+    text = "".join(out)
+    # Not running: the message names web2's own control socket.
+    assert "supervisord is not running" in text and dep.control_socket in text

@@ -388,3 +388,55 @@ def test_nginx_accepts_the_multi_host_site(tmp_path):
     r = subprocess.run([NGINX, "-t", "-c", os.path.join(dep.runtime_dir, "nginx.conf")],
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr
+
+
+# -- the hosts' control ports (status on the web server) ----------------------
+
+CONTROL = {"inet_port": "9001", "username": "ops", "password": "s3cret"}
+
+
+def test_control_port_binds_each_hosts_own_address(tmp_path):
+    front = parse(tmp_path, control=CONTROL)
+    assert front.control.inet_port == "9001", "the front view keeps the port"
+    assert [front.for_host(h).control.inet_port for h in ("web1", "web2", "spare")] == [
+        "127.0.0.2:9001", "127.0.0.3:9001", "127.0.0.4:9001"]
+    # Off by default: no TCP control port anywhere.
+    assert parse(tmp_path).for_host("web1").control.inet_port == ""
+
+
+@pytest.mark.parametrize("control,hosts,key,reason", [
+    (dict(CONTROL, inet_port="0.0.0.0:9001"), None, "control.inet_port", "give a port only"),
+    (dict(CONTROL, inet_port="127.0.0.2:9001"), None, "control.inet_port", "give a port only"),
+    (dict(CONTROL, inet_port="9000"), None, "hosts[0].address", "its port is control.inet_port too"),
+    (dict(CONTROL, password=""), None, "control.inet_port", "needs control.username and control.password"),
+    (CONTROL, [{"name": "a", "address": "127.0.0.2:9000"}, {"name": "b", "address": "127.0.0.2:9002"}],
+     "hosts[1].address", "host a has the same IP"),
+])
+def test_bad_host_control(tmp_path, control, hosts, key, reason):
+    message = error(tmp_path, data(hosts, control=control))
+    assert (": %s = " % key) in message and reason in message
+
+
+def test_hosts_may_share_an_ip_without_control_port(tmp_path):
+    hosts = [{"name": "a", "address": "127.0.0.2:9000"}, {"name": "b", "address": "127.0.0.2:9002"}]
+    assert len(parse(tmp_path, hosts=hosts).hosts) == 2
+
+
+def test_host_conf_control_port_with_credentials(tmp_path):
+    front = parse(tmp_path, control=CONTROL)
+    dep = front.for_host("web2")
+    files = render.render_all(dep, USER_HOST, dep.runtime_dir)
+    for d in (dep.runtime_dir, dep.log_dir, dep.app.directory):
+        os.makedirs(d, exist_ok=True)
+    with open(dep.supervisord_conf, "w") as f:
+        f.write(files["supervisord.conf"])
+    options = supervisor_options(dep.supervisord_conf)
+    by_family = {s["family"]: s for s in options.server_configs}
+    assert by_family[1]["file"] == dep.control_socket      # the unix socket stays
+    inet = by_family[2]                                    # AF_INET
+    assert (inet["host"], inet["port"]) == ("127.0.0.3", 9001), "the host's own address"
+    assert (inet["username"], inet["password"]) == ("ops", "s3cret")
+    # The web server's own files carry no credentials.
+    web_files = render.render_all(front, USER_HOST, front.runtime_dir)
+    assert not any("s3cret" in text for name, text in web_files.items()
+                   if not name.endswith("supervisord.conf"))

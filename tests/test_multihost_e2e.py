@@ -10,9 +10,13 @@ one nginx on 127.0.0.1 with the generated multi-host site.
 * A host started again returns to rotation.
 * A FastCGI connection to a worker socket from an address outside
   nginx.web_servers is closed unanswered; from 127.0.0.1 it is served.
+* ``fcgi-toolkit status`` on the web server (the front view) asks every
+  host's supervisord over its TCP control port (control.inet_port on the
+  host's own address, with credentials) and lists every host's workers.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -41,13 +45,18 @@ HOST_IPS = {"web1": "127.0.0.2", "web2": "127.0.0.3", "web3": "127.0.0.4"}
 FAIL_TIMEOUT = "2s"
 
 
-def deploy_toml(runtime_dir: str, log_dir: str, port: int, ports: dict) -> str:
+CONTROL_USER, CONTROL_PASSWORD = "ops", "mh-s3cret"
+
+
+def deploy_toml(runtime_dir: str, log_dir: str, port: int, ports: dict, control_port: int) -> str:
     lines = [
         "[app]", 'name = "mh"', 'wsgi = "core_app:application"', 'directory = "%s"' % APPS_DIR,
         "[workers]", "count = 1", "standby = 1", "threads = 6", 'graceful_timeout = "10s"',
         "[nginx]", 'listen = "127.0.0.1:%d"' % port, 'web_servers = ["127.0.0.1"]',
         'connect_timeout = "1s"', 'read_timeout = "30s"',
         "[runtime]", 'dir = "%s"' % runtime_dir, 'log_dir = "%s"' % log_dir,
+        "[control]", 'inet_port = "%d"' % control_port, 'username = "%s"' % CONTROL_USER,
+        'password = "%s"' % CONTROL_PASSWORD,
     ]
     for name, ip in HOST_IPS.items():
         lines += ["[[hosts]]", 'name = "%s"' % name, 'address = "%s:%d"' % (ip, ports[name]),
@@ -162,9 +171,12 @@ class MultiHost:
         self.log_dir = os.path.join(base, "log")
         self.port = free_port()
         ports = {name: free_port(ip) for name, ip in HOST_IPS.items()}
+        # One control port for every host, each on its own address.
+        self.control_port = next(p for p in iter(lambda: free_port("127.0.0.2"), None)
+                                 if p not in ports.values() and all(_free(ip, p) for ip in HOST_IPS.values()))
         self.deploy_path = os.path.join(base, "deploy.toml")
         with open(self.deploy_path, "w") as f:
-            f.write(deploy_toml(self.runtime_dir, self.log_dir, self.port, ports))
+            f.write(deploy_toml(self.runtime_dir, self.log_dir, self.port, ports, self.control_port))
         self.front = settings.load(self.deploy_path, host="")
         self.hosts = {name: HostSupervisor(self.front.for_host(name)) for name in HOST_IPS}
         self.nginx: Optional[subprocess.Popen] = None
@@ -236,6 +248,15 @@ class MultiHost:
         return "\n".join(parts)
 
 
+def _free(ip: str, port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((ip, port))
+            return True
+        except OSError:
+            return False
+
+
 @pytest.fixture(scope="module")
 def mh(tmp_path_factory):
     m = MultiHost(str(tmp_path_factory.mktemp("multihost")))
@@ -270,6 +291,39 @@ def test_every_host_serves_through_one_nginx(mh, diagnose):
         if seen == set(HOST_IPS):
             break
     assert seen == set(HOST_IPS)
+
+
+def test_status_on_the_web_server_lists_every_hosts_workers(mh, diagnose):
+    env = {k: v for k, v in os.environ.items() if k != settings.HOST_ENV}   # the front view
+
+    def status(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "fcgi_toolkit", "status", "-c", mh.deploy_path,
+                               "--timeout", "10", *args], env=env, stdin=subprocess.DEVNULL,
+                              capture_output=True, text=True, timeout=60)
+
+    r = status("--json")
+    assert r.returncode == 0, r.stderr
+    obj = json.loads(r.stdout)
+    assert obj["group"] == "mh" and obj["down"] == [] and obj["up"] == 3
+    assert [h["name"] for h in obj["hosts"]] == list(HOST_IPS)
+    for h in obj["hosts"]:
+        host = mh.hosts[h["name"]]
+        assert h["up"] and h["error"] is None
+        assert h["control_url"] == "http://%s:%d" % (HOST_IPS[h["name"]], mh.control_port)
+        assert [w["name"] for w in h["workers"]] == host.dep.slot_names() == ["mh_00", "mh_01"]
+        running = [w for w in h["workers"] if w["state"] == "running"]
+        # Each host's RUNNING worker, as that host's own supervisord reports it.
+        assert h["running"] == len(running) == 1
+        assert {w["pid"] for w in running} == host.ready_pids()
+        assert running[0]["age_seconds"] is not None and running[0]["rss_bytes"] is None
+        assert [w["state"] for w in h["workers"] if w not in running] == ["standby"]
+
+    r = status()
+    assert r.returncode == 0, r.stderr
+    rows = [line.split() for line in r.stdout.splitlines()[1:7]]
+    assert sorted((row[0], row[1], row[2]) for row in rows) == sorted(
+        (h["name"], w["name"], w["state"]) for h in obj["hosts"] for w in h["workers"])
+    assert "mh: 3 hosts, 3 up, 0 down; 3/3 workers running" in r.stdout
 
 
 def test_worker_refuses_addresses_not_in_web_servers(mh, diagnose):

@@ -264,6 +264,19 @@ def test_render_to_another_directory_points_at_it(tmp_path):
     assert "-c %s/nginx.conf" % out in (out / "supervisord.conf").read_text()
 
 
+def test_supervisord_conf_with_control_password_is_private(tmp_path):
+    plain = deployment(tmp_path)
+    render.render(plain, str(tmp_path / "plain"), host=USER_HOST)
+    assert (tmp_path / "plain" / "supervisord.conf").stat().st_mode & 0o777 == 0o644
+    secret = deployment(tmp_path, control={"inet_port": "9001", "username": "ops",
+                                           "password": "s3cret-pass"})
+    render.render(secret, str(tmp_path / "secret"), host=USER_HOST)
+    conf = tmp_path / "secret" / "supervisord.conf"
+    assert "password=s3cret-pass" in conf.read_text()
+    assert conf.stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "secret" / "nginx.conf").stat().st_mode & 0o777 == 0o644
+
+
 _SAFE = st.text(alphabet="abcXYZ019_.@+~=,:-", min_size=1, max_size=12).filter(
     lambda s: s not in (".", "..") and not s.startswith("~"))
 

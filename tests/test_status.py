@@ -338,3 +338,283 @@ def test_status_command_exits_1_when_supervisord_is_not_running(tmp_path, capsys
     stale.close()
     assert cli.main(["status", "-c", str(deploy), "--json"]) == 1
     assert "supervisord is not running" in capsys.readouterr().err
+
+
+# -- several hosts: status on the web server (issue #6) ----------------------
+
+from fcgi_toolkit.status import (format_hosts_table, gather_hosts, host_status,  # noqa: E402
+                                 hosts_to_json, remote_worker_view, unreachable_reason)
+import threading  # noqa: E402
+import xmlrpc.client  # noqa: E402
+
+HOST_INFO_NOW = int(NOW)
+
+
+def remote_info(name, state, pid=0, age=0, group="wiki"):
+    return dict(info(name, state, pid, HOST_INFO_NOW - age if age else 0, group),
+                now=HOST_INFO_NOW)
+
+
+@pytest.mark.parametrize("state,short,expected", [
+    (ProcessStates.RUNNING, False, "running"),
+    (ProcessStates.STARTING, False, "starting"),
+    (ProcessStates.STOPPING, False, "draining"),
+    (ProcessStates.STOPPED, False, "standby"),
+    (ProcessStates.STOPPED, True, "stopped"),
+    (ProcessStates.BACKOFF, False, "backoff"),
+    (ProcessStates.EXITED, False, "exited"),
+    (ProcessStates.FATAL, False, "fatal"),
+])
+def test_remote_worker_view_is_supervisords_view_only(state, short, expected):
+    v = remote_worker_view("wiki_00", remote_info("wiki_00", state, 4242, age=65), short)
+    assert v.state == expected and expected in status.STATES
+    up = state in (ProcessStates.RUNNING, ProcessStates.STARTING, ProcessStates.STOPPING)
+    assert v.pid == (4242 if up else None)
+    assert v.age_seconds == (65.0 if up else None)
+    # What lives in the host's scoreboard and state file is unknown here.
+    assert (v.rss_bytes, v.requests, v.inflight, v.recycles, v.last_reason) == (None,) * 5
+    assert not v.serving
+
+
+def test_remote_worker_view_slot_not_listed():
+    v = remote_worker_view("wiki_03", None, False)
+    assert v.state == "unknown" and v.pid is None and v.supervisor_state == "UNKNOWN"
+
+
+def _spec(name="web1", address="127.0.0.2:9000", count=2, backup=False):
+    return settings.HostSpec(name=name, address=address, count=count, backup=backup,
+                             max_fails=1, fail_timeout=10.0)
+
+
+def test_host_status_from_process_infos():
+    infos = [remote_info("wiki_00", ProcessStates.RUNNING, 100, age=30),
+             remote_info("wiki_01", ProcessStates.EXITED),
+             remote_info("wiki_02", ProcessStates.STOPPED),
+             remote_info("wiki_watchdog", ProcessStates.RUNNING, 99, age=40, group="wiki_watchdog")]
+    h = host_status("wiki", _spec(count=2), 1, "http://127.0.0.2:9001", infos)
+    assert h.up and h.error is None and h.running == 1
+    assert [(w.name, w.state) for w in h.workers] == [
+        ("wiki_00", "running"), ("wiki_01", "exited"), ("wiki_02", "stopped")]   # a hole: 1 < 2
+
+
+class FakeHostRPC:
+    """One host's ``supervisor`` namespace: records calls; may fail."""
+
+    def __init__(self, identity, infos=(), error=None):
+        self.identity, self.infos, self.error = identity, list(infos), error
+        self.calls = []
+
+    def getIdentification(self):
+        self.calls.append("getIdentification")
+        if self.error:
+            raise self.error
+        return self.identity
+
+    def getAllProcessInfo(self):
+        self.calls.append("getAllProcessInfo")
+        return self.infos
+
+
+class FakeServer:
+    """A ServerProxy stand-in: a context manager with a ``supervisor`` attribute."""
+
+    def __init__(self, rpc):
+        self.supervisor = rpc
+        self.closed = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.closed = True
+
+
+def multi_dep(tmp_path, control=True, hosts=None, inet_port="9001"):
+    raw = {"app": {"name": "wiki", "wsgi": "app:application"},
+           "workers": {"count": 1, "standby": 1},
+           "nginx": {"web_servers": ["127.0.0.1"]},
+           "runtime": {"dir": str(tmp_path / "rt")},
+           "hosts": hosts or [{"name": "web1", "address": "127.0.0.2:9000", "count": 2},
+                              {"name": "web2", "address": "127.0.0.3:9000"},
+                              {"name": "spare", "address": "127.0.0.4:9000", "backup": True}]}
+    if control:
+        raw["control"] = {"inet_port": inet_port, "username": "ops", "password": "s3cret"}
+    return settings.parse(raw, str(tmp_path / "deploy.toml"))
+
+
+def test_gather_hosts_one_host_down(tmp_path):
+    dep = multi_dep(tmp_path)
+    rpcs = {
+        "http://127.0.0.2:9001": FakeHostRPC("wiki_web1", [
+            remote_info("wiki_00", ProcessStates.RUNNING, 100, age=30),
+            remote_info("wiki_01", ProcessStates.RUNNING, 101, age=20),
+            remote_info("wiki_02", ProcessStates.STOPPED)]),
+        "http://127.0.0.3:9001": FakeHostRPC("wiki_web2", error=ConnectionRefusedError(
+            errno.ECONNREFUSED, os.strerror(errno.ECONNREFUSED))),
+        "http://127.0.0.4:9001": FakeHostRPC("wiki_spare", [
+            remote_info("wiki_00", ProcessStates.RUNNING, 300, age=5),
+            remote_info("wiki_01", ProcessStates.STOPPED)]),
+    }
+    servers = []
+
+    def connect(url):
+        servers.append(FakeServer(rpcs[url]))
+        return servers[-1]
+
+    d = gather_hosts(dep, connect=connect, now=NOW)
+    assert [h.name for h in d.hosts] == ["web1", "web2", "spare"]   # the file's order
+    assert d.down == ["web2"]
+    web1, web2, spare = d.hosts
+    assert rpcs["http://127.0.0.2:9001"].calls == ["getIdentification", "getAllProcessInfo"]
+    assert all(s.closed for s in servers) and len(servers) == 3
+    assert [w.state for w in web1.workers] == ["running", "running", "standby"]
+    assert web1.count == 2 and web1.running == 2 and web1.control_url == "http://127.0.0.2:9001"
+    assert not web2.up and web2.workers == () and "connection refused" in web2.error
+    assert "http://127.0.0.3:9001" in web2.error
+    assert spare.backup and [w.pid for w in spare.workers] == [300, None]
+
+    text = format_hosts_table(d)
+    lines = text.splitlines()
+    assert lines[0].split() == ["HOST", "WORKER", "STATE", "PID", "AGE", "NOTE"]
+    assert lines[1].split() == ["web1", "wiki_00", "running", "100", "30s"]
+    assert lines[3].split() == ["web1", "wiki_02", "standby", "-", "-"]
+    assert lines[4].split()[:5] == ["web2", "-", "down", "-", "-"] and "connection refused" in lines[4]
+    assert lines[5].split() == ["spare", "wiki_00", "running", "300", "5.0s", "backup", "host"]
+    assert lines[7] == "wiki: 3 hosts, 2 up, 1 down (web2); 3/4 workers running"
+    assert lines[8] == status.REMOTE_NOTE and "FCGI_TOOLKIT_HOST=NAME" in lines[8]
+
+    obj = json.loads(json.dumps(hosts_to_json(d)))
+    assert set(obj) == {"group", "generated_at", "up", "down", "hosts"}
+    assert (obj["group"], obj["up"], obj["down"]) == ("wiki", 2, ["web2"])
+    h1, h2, h3 = obj["hosts"]
+    assert set(h1) == {"name", "address", "control_url", "backup", "up", "error", "count",
+                       "standby", "running", "workers"}
+    assert (h1["name"], h1["address"], h1["up"], h1["error"], h1["running"]) == (
+        "web1", "127.0.0.2:9000", True, None, 2)
+    w0 = h1["workers"][0]
+    # Same worker keys as single-host status; what only the host knows is null.
+    assert set(w0) == {"name", "state", "supervisor_state", "pid", "rss_bytes", "requests",
+                       "age_seconds", "inflight", "recycles", "last_reason",
+                       "last_recycle_time"}
+    assert (w0["state"], w0["pid"], w0["age_seconds"], w0["rss_bytes"], w0["recycles"]) == (
+        "running", 100, 30.0, None, None)
+    assert (h2["up"], h2["workers"], h2["running"]) == (False, [], 0) and "refused" in h2["error"]
+    assert h3["backup"] is True
+
+
+def test_gather_hosts_wrong_supervisord_is_down(tmp_path):
+    """A control port answered by another supervisord (another deployment or
+    host) is not taken for this host."""
+    dep = multi_dep(tmp_path, hosts=[{"name": "web1", "address": "127.0.0.2:9000"}])
+    rpc = FakeHostRPC("blog_web1", [remote_info("wiki_00", ProcessStates.RUNNING, 100, age=3)])
+    d = gather_hosts(dep, connect=lambda url: FakeServer(rpc), now=NOW)
+    assert d.down == ["web1"] and "'blog_web1', not 'wiki_web1'" in d.hosts[0].error
+    assert rpc.calls == ["getIdentification"]
+
+
+def test_gather_hosts_needs_control_port(tmp_path):
+    dep = multi_dep(tmp_path, control=False)
+    with pytest.raises(settings.ConfigError) as exc:
+        gather_hosts(dep, connect=lambda url: pytest.fail("no host may be asked"))
+    message = str(exc.value)
+    assert "\n" not in message and "control.inet_port = ''" in message
+    assert "FCGI_TOOLKIT_HOST=NAME" in message
+
+
+@pytest.mark.parametrize("exc,text", [
+    (xmlrpc.client.ProtocolError("h/RPC2", 401, "Unauthorized", {}), "refused the credentials"),
+    (xmlrpc.client.ProtocolError("h/RPC2", 404, "Not Found", {}), "answered HTTP 404 Not Found"),
+    (xmlrpc.client.Fault(1, "UNKNOWN_METHOD"), "refused: UNKNOWN_METHOD"),
+    (TimeoutError("timed out"), "no answer from http://h:1 within 2.5s"),
+    (ConnectionRefusedError(errno.ECONNREFUSED, "refused"), "connection refused at http://h:1"),
+    (OSError(errno.EHOSTUNREACH, "x"), os.strerror(errno.EHOSTUNREACH)),
+    (ConnectionResetError(), "did not answer XML-RPC"),
+])
+def test_unreachable_reason(exc, text):
+    reason = unreachable_reason("http://h:1", exc, 2.5)
+    assert text in reason and "\n" not in reason
+
+
+def test_gather_hosts_real_transport_timeout_refused_and_credentials(tmp_path):
+    """The real XML-RPC transport against loopback stand-ins: a port that
+    accepts and never answers (bounded by the timeout), a closed port, and
+    an HTTP server that rejects the credentials (which were sent)."""
+    import http.server
+    silent = socket.socket()
+    silent.bind(("127.0.0.2", 0))
+    silent.listen(4)
+    port = silent.getsockname()[1]
+    seen_auth = []
+
+    class Reject(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            seen_auth.append(self.headers.get("Authorization"))
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            self.send_response(401)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    try:
+        rejecting = http.server.HTTPServer(("127.0.0.4", port), Reject)
+    except OSError:
+        silent.close()
+        pytest.skip("port %d not free on 127.0.0.4" % port)
+    t = threading.Thread(target=rejecting.serve_forever, daemon=True)
+    t.start()
+    try:
+        worker_port = 9000 if port != 9000 else 9002
+        dep = multi_dep(tmp_path, inet_port=str(port), hosts=[
+            {"name": h, "address": "%s:%d" % (ip, worker_port)}
+            for h, ip in (("web1", "127.0.0.2"), ("web2", "127.0.0.3"), ("spare", "127.0.0.4"))])
+        d = gather_hosts(dep, timeout=1.0, now=NOW)
+    finally:
+        rejecting.shutdown()
+        rejecting.server_close()
+        silent.close()
+    reasons = {h.name: h.error for h in d.hosts}
+    assert d.down == ["web1", "web2", "spare"]
+    assert reasons["web1"] == "no answer from http://127.0.0.2:%d within 1s" % port
+    assert reasons["web2"].startswith("connection refused at http://127.0.0.3:%d" % port)
+    assert "refused the credentials" in reasons["spare"]
+    import base64
+    assert seen_auth == ["Basic " + base64.b64encode(b"ops:s3cret").decode()]
+
+
+def test_status_command_multi_host(tmp_path, capsys, monkeypatch):
+    """The command on the web server: exit 1 with a host down; 2 without control port."""
+    from fcgi_toolkit import cli
+    monkeypatch.delenv(settings.HOST_ENV, raising=False)
+    deploy = tmp_path / "deploy.toml"
+    base = ('[app]\nname = "wiki"\nwsgi = "app:application"\n'
+            '[nginx]\nweb_servers = ["127.0.0.1"]\n[runtime]\ndir = "%s"\n' % (tmp_path / "rt"))
+    hosts = '[[hosts]]\nname = "web1"\naddress = "127.0.0.2:9000"\n'
+    deploy.write_text(base + hosts)
+    assert cli.main(["status", "-c", str(deploy)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "control.inet_port = ''" in err
+
+    # Nothing listens on the control port: the host is down, exit 1, still a table.
+    closed = socket.socket()
+    closed.bind(("127.0.0.2", 0))
+    port = closed.getsockname()[1]
+    closed.close()
+    deploy.write_text(base + '[control]\ninet_port = "%d"\nusername = "ops"\npassword = "pw"\n'
+                      % port + hosts)
+    assert cli.main(["status", "-c", str(deploy), "--timeout", "2"]) == 1
+    out, err = capsys.readouterr()
+    assert out.splitlines()[1].split()[:3] == ["web1", "-", "down"]
+    assert "wiki: 1 host, 0 up, 1 down (web1); 0/2 workers running" in out
+    assert "host web1 is down: connection refused at http://127.0.0.2:%d" % port in err
+    assert cli.main(["status", "-c", str(deploy), "--json", "--timeout", "2"]) == 1
+    obj = json.loads(capsys.readouterr().out)
+    assert obj["down"] == ["web1"] and obj["hosts"][0]["up"] is False
+
+    # On a host (FCGI_TOOLKIT_HOST) status is the local, single-host one.
+    monkeypatch.setenv(settings.HOST_ENV, "web1")
+    assert cli.main(["status", "-c", str(deploy)]) == 1
+    err = capsys.readouterr().err
+    assert "supervisord is not running" in err
+    assert os.path.join("rt", "web1", "supervisor.sock") in err
