@@ -21,7 +21,7 @@ import sys
 import tempfile
 from typing import Any, Optional
 
-from fcgi_toolkit import settings
+from fcgi_toolkit import converters, settings
 from fcgi_toolkit.settings import HOST_REGISTRY, REGISTRY, REQUIRED, ConfigError, Setting
 
 IMPORT_TIMEOUT = 120.0
@@ -49,9 +49,9 @@ if not callable(obj):
 # -- init -----------------------------------------------------------------
 
 def _toml_value(setting: Setting, value: Any) -> str:
-    if setting.convert is settings.seconds and isinstance(value, (int, float)):
+    if setting.convert is converters.seconds and isinstance(value, (int, float)):
         return '"%gs"' % value
-    if setting.convert is settings.size and isinstance(value, int) and value >= 1024:
+    if setting.convert is converters.size and isinstance(value, int) and value >= 1024:
         for unit, factor in (("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10)):
             if value % factor == 0:
                 return '"%d%s"' % (value // factor, unit)
@@ -147,7 +147,7 @@ def add_arguments_init(parser: argparse.ArgumentParser) -> None:
 
 def run_init(args: argparse.Namespace) -> int:
     name = args.name if args.name is not None else default_name(args.wsgi)
-    for key, convert, value in (("app.wsgi", settings.wsgi_ref, args.wsgi), ("app.name", settings.name, name)):
+    for key, convert, value in (("app.wsgi", converters.wsgi_ref, args.wsgi), ("app.name", converters.name, name)):
         try:
             convert(value)
         except ValueError as exc:

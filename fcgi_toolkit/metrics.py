@@ -34,7 +34,7 @@ import xmlrpc.client
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional
 
 from fcgi_toolkit import status as status_mod
-from fcgi_toolkit.settings import loopback_address
+from fcgi_toolkit.converters import loopback_address
 
 if TYPE_CHECKING:
     from fcgi_toolkit.settings import Deployment

@@ -140,13 +140,9 @@ def context(dep: Deployment, host: Host, conf_dir: str) -> dict:
         # socket owned by root with mode 0660; use the socket's owner instead.
         owner = dep.workers.socket_owner.split(":")[0] if dep.workers.socket_owner else ""
         nginx_user = dep.workers.user or owner or host.user
-    mode = dep.workers.socket_mode
-    if isinstance(mode, str):
-        # settings.parse keeps a default as declared ("0660"), a configured value converted.
-        mode = settings.socket_mode(mode)
     ctx.update(
         conf_dir=conf_dir,
-        socket_mode="%04o" % mode,
+        socket_mode="%04o" % dep.workers.socket_mode,
         host_user=host.user,
         nginx_binary=host.nginx_binary,
         nginx_user=nginx_user,
