@@ -11,7 +11,7 @@ full, reported measurement.
 
     python -m bench.worker_vs_flup [--app hello] [--workers 2] [--threads 1]
         [--seconds 3] [--rounds 3] [--connections 8] [--contenders ours,flup,uwsgi]
-        [--profile SECONDS]
+        [--profile SECONDS] [--keep-conn]
 
 ``--profile N`` records one of our workers with py-spy for N seconds under
 load (if py-spy is installed) and prints its top functions.
@@ -167,6 +167,9 @@ def main(argv=None) -> int:
     p.add_argument("--connections", type=int, default=8)
     p.add_argument("--contenders", default="ours,flup,uwsgi")
     p.add_argument("--profile", type=float, default=0.0, metavar="SECONDS")
+    p.add_argument("--keep-conn", action="store_true",
+                   help="fastcgi_keep_conn on without upstream keepalive, as the rendered "
+                        "nginx site has it (nginx closes after each response)")
     args = p.parse_args(argv)
     if not wrk.available():
         print("wrk is not installed", file=sys.stderr)
@@ -176,6 +179,13 @@ def main(argv=None) -> int:
         print("uwsgi not found next to %s: skipped (run with bench/.venv/bin/python)" % sys.executable)
         kinds.remove("uwsgi")
     app = APPS[args.app]
+    if args.keep_conn:
+        import bench.nginx
+        plain = bench.nginx.render
+
+        def render(*a, **kw):
+            return plain(*a, **kw).replace("fastcgi_pass app;", "fastcgi_keep_conn on;\n      fastcgi_pass app;")
+        bench.nginx.render = render
     root = tempfile.mkdtemp(prefix="fcgiquick-", dir="/tmp")
     stacks = []
     try:

@@ -10,10 +10,20 @@ conformance cases against bare flup6 to show which still fail there.
 We use the threaded server only: flup's ``fcgi_single`` cannot even be
 constructed on Python 3 (bug 5).
 
-Threading model (flup's, kept): one pool thread per FastCGI connection, the
-request runs inline in that thread, no multiplexing.  The main thread only
-accepts, and only while a pool thread is free (bug 9), so connections that a
-busy worker cannot serve stay in the shared socket's backlog for any worker.
+Threading model: one thread per FastCGI connection, the request runs in
+that thread, no multiplexing, and a connection is accepted only while a
+thread is free (bug 9), so connections that a busy worker cannot serve stay
+in the shared socket's backlog for any worker.  With ``threads > 1`` that is
+flup's pool, the main thread only accepts.  With ``threads = 1`` (the
+default) the main thread accepts and serves the connection itself: no thread
+hand-off per connection; a small monitor thread notices the stop request and
+enforces the drain deadline (see :class:`WSGIServer`).
+
+Request path (issue #5): records are parsed in place from large reads; the
+response is queued and goes out with FCGI_END_REQUEST in one send when the
+body is a list or tuple (an iterator's parts are sent as they come); a
+connection whose request was read to its end is closed at once, without the
+lingering wait for the web server's FIN.
 """
 from __future__ import annotations
 
@@ -22,6 +32,7 @@ import logging
 import os
 import re
 import select
+import signal
 import socket
 import struct
 import sys
@@ -35,7 +46,7 @@ from flup.server.fcgi_base import (
     FCGI_ABORT_REQUEST, FCGI_BEGIN_REQUEST, FCGI_CANT_MPX_CONN, FCGI_DATA,
     FCGI_END_REQUEST, FCGI_GET_VALUES, FCGI_GET_VALUES_RESULT, FCGI_KEEP_CONN,
     FCGI_NULL_REQUEST_ID, FCGI_PARAMS, FCGI_REQUEST_COMPLETE,
-    FCGI_STDERR, FCGI_STDIN, FCGI_STDOUT, FCGI_UNKNOWN_ROLE, FCGI_UNKNOWN_TYPE,
+    FCGI_STDIN, FCGI_STDOUT, FCGI_UNKNOWN_ROLE, FCGI_UNKNOWN_TYPE,
     FCGI_VERSION_1,
 )
 
@@ -46,6 +57,8 @@ BEGIN_BODY = struct.Struct("!HB5x")
 END_BODY = struct.Struct("!LB3x")
 UNKNOWN_BODY = struct.Struct("!B7x")
 HEADER_LEN = HEADER.size
+_LENGTH = struct.Struct("!L")
+_PADDING = tuple(b"\0" * n for n in range(8))
 
 # Largest record content that needs no padding (FastCGI lengths are 16 bit).
 MAX_CONTENT = 65528
@@ -57,11 +70,19 @@ LINGER = 1.0
 DRAIN_READ_GRACE = 1.0
 # Most bytes of PARAMS one request may send (nginx sends a few KB).
 MAX_PARAMS = 1024 * 1024
+# Queued output is sent once it reaches FLUSH_BYTES; up to JOIN_BYTES it is
+# joined into one buffer for the send, beyond that gathered by sendmsg.
+FLUSH_BYTES = 256 * 1024
+JOIN_BYTES = 64 * 1024
+IOV_MAX = 512
 
 _PEER_GONE = (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EBADF, errno.ESHUTDOWN)
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 _STATUS = re.compile(r"^[1-9][0-9]{2} ")
 _NO_BODY_STATUS = ("204", "304")
+# Header names that passed the checks (apps send the same few again and
+# again): a set lookup instead of a regular expression, bounded.
+_GOOD_NAMES: set = set()
 
 
 class ProtocolError(Exception):
@@ -104,9 +125,57 @@ def client_allowed(family: int, addr: Any, allowed: Optional[frozenset]) -> bool
     return host in allowed
 
 
+def decode_params(data: bytes) -> dict:
+    """FastCGI name-value pairs as a ``str -> str`` dict (latin-1, as CGI
+    values are bytes); raises ProtocolError on a truncated pair (flup's
+    ``decode_pair`` silently returns short names and values).  The whole
+    block is decoded once: latin-1 maps byte offsets to the same character
+    offsets, so names and values are plain slices of one string."""
+    text = data.decode("latin-1")
+    out = {}
+    pos, end = 0, len(data)
+    unpack_from = _LENGTH.unpack_from
+    while pos < end:
+        nlen = data[pos]
+        if nlen < 128 and pos + 1 < end:
+            vlen = data[pos + 1]
+            if vlen < 128:   # both lengths in one byte: nearly every CGI pair
+                mid = pos + 2 + nlen
+                stop = mid + vlen
+                if stop > end:
+                    raise ProtocolError("name-value pair longer than its record")
+                out[text[pos + 2:mid]] = text[mid:stop]
+                pos = stop
+                continue
+        if nlen & 0x80:
+            if pos + 4 > end:
+                raise ProtocolError("truncated name-value length")
+            nlen = unpack_from(data, pos)[0] & 0x7FFFFFFF
+            pos += 4
+        else:
+            pos += 1
+        if pos >= end:
+            raise ProtocolError("truncated name-value pair")
+        vlen = data[pos]
+        if vlen & 0x80:
+            if pos + 4 > end:
+                raise ProtocolError("truncated name-value length")
+            vlen = unpack_from(data, pos)[0] & 0x7FFFFFFF
+            pos += 4
+        else:
+            pos += 1
+        mid = pos + nlen
+        stop = mid + vlen
+        if stop > end:
+            raise ProtocolError("name-value pair longer than its record")
+        out[text[pos:mid]] = text[mid:stop]
+        pos = stop
+    return out
+
+
 def decode_pairs(data: bytes) -> list:
-    """FastCGI name-value pairs; raises ProtocolError on a truncated pair
-    (flup's ``decode_pair`` silently returns short names and values)."""
+    """FastCGI name-value pairs as (name, value) bytes, in order (see
+    :func:`decode_params` for the errors)."""
     pairs = []
     pos, end = 0, len(data)
     while pos < end:
@@ -117,7 +186,7 @@ def decode_pairs(data: bytes) -> list:
             if data[pos] & 0x80:
                 if pos + 4 > end:
                     raise ProtocolError("truncated name-value length")
-                lengths.append(struct.unpack_from("!L", data, pos)[0] & 0x7FFFFFFF)
+                lengths.append(_LENGTH.unpack_from(data, pos)[0] & 0x7FFFFFFF)
                 pos += 4
             else:
                 lengths.append(data[pos])
@@ -171,14 +240,18 @@ def check_response_start(status: Any, headers: Any) -> None:
         name, value = item
         if not isinstance(name, str) or not isinstance(value, str):
             raise TypeError("response header %r: name and value must be str" % (item,))
-        if not _TOKEN.match(name) or name.lower() == "status":
-            raise ValueError("response header name %r is not allowed" % name)
+        if name not in _GOOD_NAMES:
+            if not _TOKEN.match(name) or name.lower() == "status":
+                raise ValueError("response header name %r is not allowed" % name)
+            if len(_GOOD_NAMES) < 256:
+                _GOOD_NAMES.add(name)
         if "\r" in value or "\n" in value:
             raise ValueError("response header %s contains a line break" % name)
-        try:
-            value.encode("latin-1")
-        except UnicodeEncodeError:
-            raise ValueError("response header %s value %r is not latin-1" % (name, value)) from None
+        if not value.isascii():
+            try:
+                value.encode("latin-1")
+            except UnicodeEncodeError:
+                raise ValueError("response header %s value %r is not latin-1" % (name, value)) from None
 
 
 def error_page(debug: bool, tb_text: str) -> bytes:
@@ -240,7 +313,9 @@ class InputStream(fcgi_base.InputStream):
     buffer on every record, which is quadratic for long lines."""
 
     def __init__(self, conn):
-        super().__init__(conn)
+        # Not flup's __init__: its buffer fields are unused here.
+        self._conn = conn
+        self._eof = False
         self._data = bytearray()
         self._rpos = 0
         self._scan = 0   # no newline in _data[_rpos:_scan]
@@ -314,14 +389,26 @@ class InputStream(fcgi_base.InputStream):
 class OutputStream(fcgi_base.OutputStream):
     """FCGI_STDOUT.  flup sliced ``data = data[toWrite:]`` per 8 KB record,
     so one large write was quadratic (bug 7): we slice a memoryview into
-    64 KB records and send each with one sendall."""
+    64 KB records.  Records are queued on the connection
+    (:meth:`Connection.queue_record`), which sends what is queued in one
+    system call when the handler flushes or the request ends."""
 
     def _write(self, data: Any) -> None:
-        view = memoryview(data).cast("B")
-        send = self._conn.send_record
+        queue = self._conn.queue_record
         rtype, rid = self._type, self._req.requestId
+        if type(data) is bytes and len(data) <= MAX_CONTENT:
+            queue(rtype, rid, data)
+            return
+        view = memoryview(data).cast("B")
         for off in range(0, len(view), MAX_CONTENT):
-            send(rtype, rid, view[off:off + MAX_CONTENT])
+            queue(rtype, rid, view[off:off + MAX_CONTENT])
+
+    def close(self) -> None:
+        """Queue the end of the stream, if anything was written (flup's rule)."""
+        if not self.closed and self.dataWritten:
+            self.flush()   # flup's buffered mode
+            self._conn.queue_record(self._type, self._req.requestId)
+            self.closed = True
 
 
 # --------------------------------------------------------------------------
@@ -341,10 +428,16 @@ class Request(fcgi_base.Request):
         self.raw_params = bytearray()
         self.stdin = inputStreamClass(conn)
         self.stdout = OutputStream(conn, self, FCGI_STDOUT)
-        self.stderr = OutputStream(conn, self, FCGI_STDERR, buffered=True)
-        self.data = inputStreamClass(conn)
+        self._data = None
         self.aborted = False
         self.started = False
+
+    @property
+    def data(self) -> InputStream:
+        """FCGI_DATA (filter role only, which we refuse): made on first use."""
+        if self._data is None:
+            self._data = self._conn._inputStreamClass(self._conn)
+        return self._data
 
     def run(self) -> None:
         conn = self._conn
@@ -361,7 +454,8 @@ class Request(fcgi_base.Request):
 
 
 class Connection(fcgi_base.Connection):
-    """One FastCGI connection, served by one pool thread."""
+    """One FastCGI connection, served by one thread (a pool thread, or the
+    main thread when the server runs inline)."""
 
     _multiplexed = False
     _inputStreamClass = InputStream
@@ -371,15 +465,18 @@ class Connection(fcgi_base.Connection):
         self.closed = False
         self.broken: Optional[str] = None
         self.current: Optional[tuple] = None   # (method, uri, start) while in the app
-        self._rbuf = bytearray()
+        self._rbuf = bytearray()   # received, not yet parsed from _rpos on
+        self._rpos = 0
+        self._wbuf: list = []      # records queued for one send
+        self._wlen = 0
         self._send_lock = threading.Lock()
 
-    # -- job entry point (flup's ThreadPool calls run) -----------------------
+    # -- entry point (flup's ThreadPool, or the inline accept loop) ----------
     def run(self) -> None:
         server = self.server
         try:
             self._serve()
-        except BaseException:  # a bug of ours: log it, never kill the pool thread silently
+        except BaseException:  # a bug of ours: log it, never kill the serving thread silently
             log.exception("connection thread failed")
         finally:
             self.close(linger=False)
@@ -421,11 +518,15 @@ class Connection(fcgi_base.Connection):
 
     def _wait_for_record(self) -> bool:
         """Wait for the next record.  False: close quietly (draining while idle)."""
-        if self._rbuf:
+        if self._rpos < len(self._rbuf):
             return True
         if not self._requests and self.server.draining:
             r, _, _ = select.select([self._sock], [], [], 0)
             return bool(r)
+        # Mostly the next record is here already (a new connection's request,
+        # the rest of this one): try to read before waiting.
+        if self._recv_more():
+            return True
         return self._wait_readable(idle=not self._requests)
 
     def _wait_readable(self, idle: bool = False) -> bool:
@@ -449,62 +550,86 @@ class Connection(fcgi_base.Connection):
                 return bool(r)
             # draining started mid-record: wait again with the drain's timeout
 
-    def _recv_exact(self, n: int) -> bytes:
-        """n bytes from the connection's read buffer, refilled with large recv
-        calls (one recv usually brings a whole request's records)."""
+    def _recv_more(self) -> bool:
+        """One read of what has arrived, without waiting: True if it brought
+        data, False if there was none; EOFError when the peer closed."""
         buf = self._rbuf
-        while len(buf) < n:
-            self._wait_readable()
+        try:
+            chunk = self._sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return False
+        if not chunk:
+            if len(buf) > self._rpos:
+                raise ProtocolError("connection closed mid-record")
+            raise EOFError()
+        if self._rpos == len(buf):
+            buf.clear()
+            self._rpos = 0
+        buf += chunk
+        return True
+
+    def _fill(self, need: int) -> None:
+        """Read until ``need`` unparsed bytes are buffered, with large recv
+        calls (one usually brings a whole request's records)."""
+        buf = self._rbuf
+        if self._rpos:
+            del buf[:self._rpos]
+            self._rpos = 0
+        while len(buf) < need:
             try:
-                chunk = self._sock.recv(max(65536, n - len(buf)))
+                chunk = self._sock.recv(max(65536, need - len(buf)))
             except (BlockingIOError, InterruptedError):
+                self._wait_readable()
                 continue
             if not chunk:
                 if buf:
                     raise ProtocolError("connection closed mid-record")
                 raise EOFError()
             buf += chunk
-        out = bytes(buf[:n])
-        del buf[:n]
-        return out
 
-    def read_record(self) -> fcgi_base.Record:
-        """Read one record.  Unlike flup, formats no debug strings (bug 10) and
-        never blocks longer than the idle timeout per byte (bug 12)."""
-        header = self._recv_exact(HEADER_LEN)
-        version, rtype, rid, length, padding = HEADER.unpack(header)
+    def next_record(self) -> tuple:
+        """(type, request id, content bytes) of the next record, parsed in the
+        read buffer.  Unlike flup, formats no debug strings (bug 10) and never
+        blocks longer than the read timeout per byte (bug 12)."""
+        buf = self._rbuf
+        if len(buf) - self._rpos < HEADER_LEN:
+            self._fill(HEADER_LEN)
+        pos = self._rpos
+        version, rtype, rid, length, padding = HEADER.unpack_from(buf, pos)
         if version != FCGI_VERSION_1:
             raise ProtocolError("bad record version %d" % version)
-        rec = fcgi_base.Record(rtype, rid)
-        rec.contentLength, rec.paddingLength = length, padding
-        try:
-            rec.contentData = self._recv_exact(length) if length else b""
-            if padding:
-                self._recv_exact(padding)
-        except EOFError:
-            raise ProtocolError("connection closed mid-record") from None
-        return rec
+        end = pos + HEADER_LEN + length
+        if len(buf) < end + padding:
+            try:
+                self._fill(HEADER_LEN + length + padding)
+            except EOFError:
+                raise ProtocolError("connection closed mid-record") from None
+            pos, end = 0, HEADER_LEN + length   # _fill moved the unparsed bytes to the front
+        content = bytes(buf[pos + HEADER_LEN:end]) if length else b""
+        self._rpos = end + padding
+        return rtype, rid, content
 
     def process_input(self) -> None:
         """Read and handle one record (flup's name: InputStream calls it)."""
         self.process_record()
 
     def process_record(self) -> None:
-        rec = self.read_record()
-        handler = {
-            FCGI_BEGIN_REQUEST: self._do_begin_request,
-            FCGI_ABORT_REQUEST: self._do_abort_request,
-            FCGI_PARAMS: self._do_params,
-            FCGI_STDIN: self._do_stdin,
-            FCGI_DATA: self._do_data,
-        }.get(rec.type)
-        if rec.requestId == FCGI_NULL_REQUEST_ID:
-            if rec.type == FCGI_GET_VALUES:
-                self._do_get_values(rec)
+        rtype, rid, content = self.next_record()
+        if rid == FCGI_NULL_REQUEST_ID:
+            if rtype == FCGI_GET_VALUES:
+                self._do_get_values(content)
             else:
-                self._do_unknown_type(rec)
-        elif handler is not None:
-            handler(rec)
+                self._do_unknown_type(rtype)
+        elif rtype == FCGI_PARAMS:
+            self._do_params(rid, content)
+        elif rtype == FCGI_STDIN:
+            self._do_stdin(rid, content)
+        elif rtype == FCGI_BEGIN_REQUEST:
+            self._do_begin_request(rid, content)
+        elif rtype == FCGI_ABORT_REQUEST:
+            self._do_abort_request(rid)
+        elif rtype == FCGI_DATA:
+            self._do_data(rid, content)
         # else: a request record of a type an application never receives; ignore.
 
     def poll_input(self, req: Request) -> None:
@@ -514,7 +639,7 @@ class Connection(fcgi_base.Connection):
         if self.broken:
             raise ResponseCut(self.broken)
         while not req.aborted:
-            if not self._rbuf:
+            if self._rpos >= len(self._rbuf):
                 r, _, _ = select.select([self._sock], [], [], 0)
                 if not r:
                     return
@@ -528,22 +653,45 @@ class Connection(fcgi_base.Connection):
     def mark_broken(self, why: str) -> None:
         self.broken = why
 
+    def _peer_done(self, req: Request) -> bool:
+        """Whether the web server has sent all it will send for ``req`` (the
+        empty FCGI_STDIN record arrived) and nothing waits unread in the
+        kernel.  Then closing sends a FIN, not a reset, and there is nothing
+        to linger for."""
+        if req.aborted:
+            return False
+        if not req.stdin._eof:
+            buf, pos, end = self._rbuf, self._rpos, len(self._rbuf)
+            while True:
+                if end - pos < HEADER_LEN:
+                    return False
+                _, rtype, rid, length, padding = HEADER.unpack_from(buf, pos)
+                if rtype == FCGI_STDIN and rid == req.requestId and not length:
+                    break
+                pos += HEADER_LEN + length + padding
+        try:
+            r, _, _ = select.select([self._sock], [], [], 0)
+            # Readable: data (linger), or only the peer's FIN (nothing unread).
+            return not r or not self._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except (OSError, ValueError):
+            return False
+
     # -- record handlers -----------------------------------------------------
-    def _do_begin_request(self, inrec) -> None:
-        if len(inrec.contentData) != BEGIN_BODY.size:
-            raise ProtocolError("BEGIN_REQUEST body of %d bytes" % len(inrec.contentData))
-        role, flags = BEGIN_BODY.unpack(inrec.contentData)
+    def _do_begin_request(self, rid: int, content: bytes) -> None:
+        if len(content) != BEGIN_BODY.size:
+            raise ProtocolError("BEGIN_REQUEST body of %d bytes" % len(content))
+        role, flags = BEGIN_BODY.unpack(content)
         req = self.server.request_class(self, self._inputStreamClass)
-        req.requestId, req.role, req.flags = inrec.requestId, role, flags
+        req.requestId, req.role, req.flags = rid, role, flags
         if self._requests:
             self.end_request(req, 0, FCGI_CANT_MPX_CONN, remove=False)
         elif role not in self.server.roles:
             self.end_request(req, 0, FCGI_UNKNOWN_ROLE, remove=False)
         else:
-            self._requests[inrec.requestId] = req
+            self._requests[rid] = req
 
-    def _do_abort_request(self, inrec) -> None:
-        req = self._requests.get(inrec.requestId)
+    def _do_abort_request(self, rid: int) -> None:
+        req = self._requests.get(rid)
         if req is None:
             return
         req.aborted = True
@@ -552,12 +700,12 @@ class Connection(fcgi_base.Connection):
             # Not started yet: end it now.
             self.end_request(req, 0, FCGI_REQUEST_COMPLETE)
 
-    def _do_params(self, inrec) -> None:
-        req = self._requests.get(inrec.requestId)
+    def _do_params(self, rid: int, content: bytes) -> None:
+        req = self._requests.get(rid)
         if req is None:
             return
-        if inrec.contentLength:
-            req.raw_params += inrec.contentData
+        if content:
+            req.raw_params += content
             if len(req.raw_params) > MAX_PARAMS:
                 raise ProtocolError("more than %d bytes of PARAMS" % MAX_PARAMS)
             return
@@ -566,10 +714,19 @@ class Connection(fcgi_base.Connection):
         if req.started:
             return   # a second end of PARAMS: ignore
         req.started = True
-        req.params = {k.decode("latin-1"): v.decode("latin-1")
-                      for k, v in decode_pairs(req.raw_params)}
+        req.params = decode_params(req.raw_params)
         req.raw_params = bytearray()
         self._start_request(req)
+
+    def _do_stdin(self, rid: int, content: bytes) -> None:
+        req = self._requests.get(rid)
+        if req is not None:
+            req.stdin.add_data(content)
+
+    def _do_data(self, rid: int, content: bytes) -> None:
+        req = self._requests.get(rid)
+        if req is not None:
+            req.data.add_data(content)
 
     def _start_request(self, req: Request) -> None:
         params = req.params
@@ -579,26 +736,58 @@ class Connection(fcgi_base.Connection):
         finally:
             self.current = None
 
-    def _do_get_values(self, inrec) -> None:
+    def _do_get_values(self, content: bytes) -> None:
         """flup mixed str and bytes here (bug 11)."""
         out = bytearray()
-        for name, _ in decode_pairs(inrec.contentData):
+        for name, _ in decode_pairs(content):
             value = self.server.capability.get(name.decode("latin-1"))
             if value is not None:
                 out += encode_pair(name, str(value).encode("ascii"))
         self.send_record(FCGI_GET_VALUES_RESULT, FCGI_NULL_REQUEST_ID, bytes(out))
 
-    def _do_unknown_type(self, inrec) -> None:
+    def _do_unknown_type(self, rtype: int) -> None:
         """flup referenced an undefined ``rec`` here (NameError, bug 11)."""
-        self.send_record(FCGI_UNKNOWN_TYPE, FCGI_NULL_REQUEST_ID, UNKNOWN_BODY.pack(inrec.type))
+        self.send_record(FCGI_UNKNOWN_TYPE, FCGI_NULL_REQUEST_ID, UNKNOWN_BODY.pack(rtype))
 
     # -- writing -------------------------------------------------------------
-    def send_record(self, rtype: int, request_id: int, content: Any = b"") -> None:
+    def queue_record(self, rtype: int, request_id: int, content: Any = b"") -> None:
+        """Queue one record (``content`` bytes-like, at most 65535 bytes) for
+        the next :meth:`flush`; flushes by itself past FLUSH_BYTES."""
         if self.closed:
             raise OSError(errno.EBADF, "connection closed")
-        data = encode_record(rtype, request_id, content)
+        length = len(content)
+        padding = -length & 7
+        out = self._wbuf
+        out.append(HEADER.pack(FCGI_VERSION_1, rtype, request_id, length, padding))
+        if length:
+            out.append(content)
+        if padding:
+            out.append(_PADDING[padding])
+        self._wlen += HEADER_LEN + length + padding
+        if self._wlen >= FLUSH_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        """Send every queued record, in one system call when it can."""
+        if not self._wbuf:
+            return
+        parts, size = self._wbuf, self._wlen
+        self._wbuf, self._wlen = [], 0   # gone even if the send fails: never sent twice
         with self._send_lock:
-            self._sendall(data)
+            if size <= JOIN_BYTES:
+                self._sendall(b"".join(parts))
+            else:
+                self._sendv(parts)
+
+    def send_record(self, rtype: int, request_id: int, content: Any = b"") -> None:
+        """Send one record now (after anything queued)."""
+        self.queue_record(rtype, request_id, content)
+        self.flush()
+
+    def _wait_writable(self) -> None:
+        _, w, _ = select.select([], [self._sock], [], self.server.idle_timeout or None)
+        if not w:
+            raise socket.timeout("send timed out")
 
     def _sendall(self, data: bytes) -> None:
         """Send everything; the socket is non-blocking, so wait for room with
@@ -609,29 +798,55 @@ class Connection(fcgi_base.Connection):
             try:
                 sent = sock.send(view)
             except (BlockingIOError, InterruptedError):
-                _, w, _ = select.select([], [sock], [], self.server.idle_timeout or None)
-                if not w:
-                    raise socket.timeout("send timed out")
+                self._wait_writable()
                 continue
             view = view[sent:]
+
+    def _sendv(self, parts: list) -> None:
+        """Like :meth:`_sendall` for a list of buffers, without joining them
+        (sendmsg gathers them), at most IOV_MAX at a time."""
+        sock = self._sock
+        parts = [memoryview(p).cast("B") for p in parts]
+        while parts:
+            try:
+                sent = sock.sendmsg(parts[:IOV_MAX])
+            except (BlockingIOError, InterruptedError):
+                self._wait_writable()
+                continue
+            i = 0
+            while i < len(parts) and sent >= len(parts[i]):
+                sent -= len(parts[i])
+                i += 1
+            del parts[:i]
+            if sent:
+                parts[0] = parts[0][sent:]
 
     def writeRecord(self, rec) -> None:  # flup's API, kept for its callers
         self.send_record(rec.type, rec.requestId, rec.contentData)
 
     def end_request(self, req, appStatus: int = 0, protocolStatus: int = FCGI_REQUEST_COMPLETE,
                     remove: bool = True) -> None:
-        self.send_record(FCGI_END_REQUEST, req.requestId, END_BODY.pack(appStatus, protocolStatus))
+        """Send END_REQUEST together with whatever the response queued; close
+        the connection unless the web server asked to keep it."""
+        self.queue_record(FCGI_END_REQUEST, req.requestId, END_BODY.pack(appStatus, protocolStatus))
+        self.flush()
         if remove:
             self._requests.pop(req.requestId, None)
         if not (req.flags & FCGI_KEEP_CONN) and not self._requests:
-            self.close(linger=True)
+            self.close(linger=not self._peer_done(req))
 
     def close(self, linger: bool = False) -> None:
-        """Close the connection.  With ``linger``, send our FIN first and read
-        until the peer's (bounded: flup waited for it forever), so unread
-        input does not turn our last records into a reset."""
+        """Close the connection (after sending what is still queued, if it
+        can).  With ``linger``, send our FIN first and read until the peer's
+        (bounded: flup waited for it forever), so unread input does not turn
+        our last records into a reset."""
         if self.closed:
             return
+        if self._wbuf:
+            try:
+                self.flush()
+            except OSError:
+                pass
         self.closed = True
         sock = self._sock
         try:
@@ -658,6 +873,30 @@ class Connection(fcgi_base.Connection):
 # Server
 # --------------------------------------------------------------------------
 
+_NOTHING_PENDING = object()   # _accept: no connection waiting
+
+# Signals a helper thread must never take from the main thread (there the
+# Python-level handlers run and interrupt the main thread's waits).
+_SYNCHRONOUS_SIGNALS = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL,
+                                  signal.SIGABRT, signal.SIGTRAP, signal.SIGSYS})
+
+
+def exit_past_deadline() -> None:
+    """What an inline server does past its drain deadline when given no
+    ``on_deadline``: the stuck request holds the only serving thread, so the
+    process exits with status 1 without waiting for it."""
+    for handler in logging.getLogger().handlers:
+        try:
+            handler.flush()
+        except (OSError, ValueError):
+            pass
+    try:
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+    os._exit(1)
+
+
 class WSGIServer(fcgi.WSGIServer):
     """flup6's threaded WSGIServer with the fixes above.
 
@@ -666,6 +905,14 @@ class WSGIServer(fcgi.WSGIServer):
     accepting, lets in-flight requests finish, closes idle connections.  It
     returns 0 when drained, 1 when ``graceful_timeout`` passed first (the log
     line names the requests cut).  It installs no signal handlers itself.
+
+    With ``threads=1`` the server runs *inline*: the thread calling
+    :meth:`serve` accepts a connection and serves it itself, with no pool
+    thread and no hand-off per connection.  A small monitor thread then holds
+    the wake-up pipe: it notices the stop request, starts the drain, and at the
+    drain deadline calls ``on_deadline`` (default: :func:`exit_past_deadline`),
+    since the stuck request holds the only serving thread.  With more threads,
+    flup's pool serves the connections and the calling thread only accepts.
     """
 
     request_class = Request
@@ -677,12 +924,16 @@ class WSGIServer(fcgi.WSGIServer):
                  errors: Optional[ErrorStream] = None,
                  environ: Optional[dict] = None):
         # flup's debug=True default sends cgitb pages with locals (bug 3).
+        # Inline (one thread): flup's pool gets no thread at all, so no idle
+        # thread can take the process's signals from the main thread.
+        pool = 0 if threads == 1 else threads
         fcgi.WSGIServer.__init__(self, application, environ=environ,
                                  multithreaded=threads > 1, multiprocess=True,
-                                 debug=debug, minSpare=threads, maxSpare=threads,
+                                 debug=debug, minSpare=pool, maxSpare=pool,
                                  maxThreads=threads)
         self._connectionClass = Connection
         self.threads = threads
+        self.inline = threads == 1
         self.idle_timeout = idle_timeout
         self.graceful_timeout = graceful_timeout
         self.observer = observer
@@ -694,6 +945,15 @@ class WSGIServer(fcgi.WSGIServer):
         self._connections: set = set()
         self.stop_requested = False
         self.draining = False
+        self._deadline = 0.0
+        self._drain_lock = threading.Lock()
+        self._finished = threading.Event()
+        self._on_drain: Optional[Callable[[], None]] = None
+        self._on_deadline: Optional[Callable[[], None]] = None
+        # What every environ gets (PEP 3333); copied into it per request.
+        self._wsgi_keys = {"wsgi.version": (1, 0), "wsgi.errors": self.errors,
+                           "wsgi.multithread": self.multithreaded, "wsgi.multiprocess": True,
+                           "wsgi.run_once": False}
         self._wake_r, self._wake_w = os.pipe()
         self._drain_r, self._drain_w = os.pipe()
         for fd in (self._wake_r, self._wake_w, self._drain_r, self._drain_w):
@@ -703,7 +963,7 @@ class WSGIServer(fcgi.WSGIServer):
     # -- control -----------------------------------------------------------
     @property
     def wake_fd(self) -> int:
-        """Write end of the main loop's wake-up pipe (for signal.set_wakeup_fd)."""
+        """Write end of the wake-up pipe (for signal.set_wakeup_fd)."""
         return self._wake_w
 
     @property
@@ -729,7 +989,7 @@ class WSGIServer(fcgi.WSGIServer):
         with self._lock:
             was_full = len(self._connections) >= self.threads
             self._connections.discard(conn)
-        if was_full or self.draining:
+        if not self.inline and (was_full or self.draining):
             self.wake()   # the main loop waits for a free thread, or drains
 
     def _busy(self) -> int:
@@ -745,72 +1005,148 @@ class WSGIServer(fcgi.WSGIServer):
 
     # -- accept loop ---------------------------------------------------------
     def serve(self, listener: socket.socket, on_ready: Optional[Callable[[], None]] = None,
-              on_drain: Optional[Callable[[], None]] = None) -> int:
+              on_drain: Optional[Callable[[], None]] = None,
+              on_deadline: Optional[Callable[[], None]] = None) -> int:
         """Accept until :meth:`request_stop`, then drain; ``on_ready`` runs just
-        before the first accept, ``on_drain`` when draining starts."""
+        before the first accept, ``on_drain`` when draining starts,
+        ``on_deadline`` (inline only, in the monitor thread) when the drain
+        deadline passes with a request still running."""
         listener.setblocking(False)
+        self._on_drain, self._on_deadline = on_drain, on_deadline
+        monitor = None
+        if self.inline:
+            monitor = threading.Thread(target=self._monitor, name="fcgi-drain-monitor", daemon=True)
+            monitor.start()
+        try:
+            if on_ready is not None:
+                on_ready()
+            if self.inline:
+                self._accept_inline(listener)
+            else:
+                self._accept_to_pool(listener)
+            return self._drain()
+        finally:
+            self._finished.set()
+            if monitor is not None:
+                self.wake()
+                monitor.join(5.0)
+
+    def _accept_inline(self, listener: socket.socket) -> None:
         family = listener.family
-        if on_ready is not None:
-            on_ready()
+        watch = [self._drain_r, listener]
+        while not (self.stop_requested or self.draining):
+            conn = self._accept(listener, family)
+            if conn is _NOTHING_PENDING:
+                # The drain pipe is never read: once readable, draining is set.
+                select.select(watch, [], [], 1.0)
+            elif conn is not None:
+                conn.run()
+
+    def _accept_to_pool(self, listener: socket.socket) -> None:
+        family = listener.family
         while not self.stop_requested:
-            free = self._busy() < self.threads
-            watch = [self._wake_r, listener] if free else [self._wake_r]
-            try:
-                r, _, _ = select.select(watch, [], [], 1.0)
-            except InterruptedError:  # pragma: no cover - PEP 475 retries
-                continue
+            if self._busy() < self.threads:
+                conn = self._accept(listener, family)
+                if conn is not _NOTHING_PENDING:
+                    if conn is not None:
+                        # A thread is free (checked before accepting), so this never queues.
+                        self._threadPool.addJob(conn, allowQueuing=True)
+                    continue
+                watch = [self._wake_r, listener]
+            else:
+                watch = [self._wake_r]
+            r, _, _ = select.select(watch, [], [], 1.0)
             if self._wake_r in r:
                 self._drain_wake_pipe()
-            if listener in r and not self.stop_requested:
-                self._accept(listener, family)
-        if on_drain is not None:
-            on_drain()
-        return self._drain()
 
-    def _accept(self, listener: socket.socket, family: int) -> None:
+    def _accept(self, listener: socket.socket, family: int) -> Any:
+        """One accepted connection, None if one was taken and refused, or
+        _NOTHING_PENDING."""
         try:
             sock, addr = listener.accept()
         except (BlockingIOError, InterruptedError):
-            return   # another worker took it
+            return _NOTHING_PENDING   # none, or another worker took it
         except OSError as exc:
             if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
-                return
+                return None
             if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                 log.error("accept failed: %s; pausing for 1s", exc)
                 time.sleep(1.0)
-                return
+                return None
             raise
         if not client_allowed(family, addr, self._allowed):
             log.warning("refusing FastCGI connection from %s: not in FCGI_WEB_SERVER_ADDRS", addr[0])
             sock.close()
-            return
+            return None
         configure_client_socket(sock, family)
         conn = self._connectionClass(sock, addr, self)
         with self._lock:
             self._connections.add(conn)
-        # A thread is free (checked before accepting), so this never queues.
-        self._threadPool.addJob(conn, allowQueuing=True)
+        return conn
 
-    def _drain(self) -> int:
-        self.draining = True
-        os.write(self._drain_w, b"x")   # never read: stays readable
-        deadline = time.monotonic() + self.graceful_timeout
+    # -- drain -----------------------------------------------------------------
+    def _begin_drain(self) -> None:
+        """Start draining (once): from the accept loop, or the inline monitor."""
+        with self._drain_lock:
+            if self.draining:
+                return
+            self._deadline = time.monotonic() + self.graceful_timeout
+            self.draining = True
+            os.write(self._drain_w, b"x")   # never read: stays readable
+        if self._on_drain is not None:
+            self._on_drain()
         log.info("draining: %d connection(s) open, %d request(s) in flight; deadline %.1fs",
                  self._busy(), self._inflight_count(), self.graceful_timeout)
+
+    def _drain(self) -> int:
+        self._begin_drain()
         while True:
             if self._busy() == 0:
                 log.info("drained: every request finished")
                 return 0
-            remaining = deadline - time.monotonic()
+            remaining = self._deadline - time.monotonic()
             if remaining <= 0:
-                cut = [c.current for c in self.connections() if c.current]
-                log.error("graceful timeout %.1fs passed: cutting %d request(s): %s "
-                          "(and %d idle connection(s))",
-                          self.graceful_timeout, len(cut), describe_inflight(cut, time.time()),
-                          self._busy() - len(cut))
+                self._log_cut()
                 return 1
             select.select([self._wake_r], [], [], min(remaining, 1.0))
             self._drain_wake_pipe()
+
+    def _log_cut(self) -> None:
+        cut = [c.current for c in self.connections() if c.current]
+        log.error("graceful timeout %.1fs passed: cutting %d request(s): %s "
+                  "(and %d idle connection(s))",
+                  self.graceful_timeout, len(cut), describe_inflight(cut, time.time()),
+                  self._busy() - len(cut))
+
+    def _monitor(self) -> None:
+        """Inline mode's helper thread.  The serving thread may be inside the
+        application or waiting on a connection; this thread waits on the
+        wake-up pipe, starts the drain when a stop was requested (the drain
+        pipe then wakes the serving thread's waits) and enforces the drain
+        deadline.  It blocks the asynchronous signals, so that they are
+        delivered to the main thread, where their handlers run."""
+        signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals() - _SYNCHRONOUS_SIGNALS)
+        quick_until = 0.0
+        while not self._finished.is_set():
+            if self.stop_requested:
+                self._begin_drain()
+                break
+            # The C-level signal handler writes the pipe before the Python
+            # handler sets the flag in the main thread: after a wake-up, look
+            # again soon.
+            now = time.monotonic()
+            r, _, _ = select.select([self._wake_r], [], [], 0.02 if now < quick_until else 1.0)
+            if r:
+                self._drain_wake_pipe()
+                quick_until = time.monotonic() + 1.0
+        else:
+            return
+        if self._finished.wait(max(0.0, self._deadline - time.monotonic())):
+            return
+        if self._finished.is_set():
+            return
+        self._log_cut()
+        (self._on_deadline or exit_past_deadline)()
 
     def _inflight_count(self) -> int:
         return sum(1 for c in self.connections() if c.current)
@@ -821,23 +1157,20 @@ class WSGIServer(fcgi.WSGIServer):
         appStatus); raises ResponseCut when the response cannot be finished."""
         environ = self._environ(req)
         observer = self.observer
-        token = observer.begin(environ["REQUEST_METHOD"], environ.get("REQUEST_URI", "")) \
-            if observer is not None else 0
+        if observer is None:
+            return self._run_app(req, environ)
+        token = observer.begin(environ["REQUEST_METHOD"], environ.get("REQUEST_URI", ""))
         try:
             return self._run_app(req, environ)
         finally:
-            if observer is not None:
-                observer.end(token)
+            observer.end(token)
 
     def _environ(self, req: Request) -> dict:
         environ = req.params
-        environ.update(self.environ)
-        environ["wsgi.version"] = (1, 0)
+        if self.environ:
+            environ.update(self.environ)
+        environ.update(self._wsgi_keys)
         environ["wsgi.input"] = req.stdin
-        environ["wsgi.errors"] = self.errors
-        environ["wsgi.multithread"] = self.multithreaded
-        environ["wsgi.multiprocess"] = True
-        environ["wsgi.run_once"] = False
         https = environ.get("HTTPS", "off").lower() in ("on", "1")
         environ["wsgi.url_scheme"] = "https" if https or environ.get("REQUEST_SCHEME") == "https" else "http"
         sanitize_environ(environ)
@@ -868,8 +1201,10 @@ class WSGIServer(fcgi.WSGIServer):
             if not isinstance(data, (bytes, bytearray)):
                 raise TypeError("response body must be bytes, got %s" % type(data).__name__)
             send(data)
+            flush()   # the application goes on after write(): send it now
 
         def send(data):
+            """Queue ``data`` (and the head before the first part)."""
             if req.aborted:
                 return
             if state["chunks"]:
@@ -901,8 +1236,19 @@ class WSGIServer(fcgi.WSGIServer):
             except OSError as exc:
                 raise ResponseCut("web server went away: %s" % exc) from None
 
+        def flush():
+            try:
+                conn.flush()
+            except OSError as exc:
+                raise ResponseCut("web server went away: %s" % exc) from None
+
         try:
             result = self.application(environ, start_response)
+            # A list or tuple holds the whole body: no application code runs
+            # while it is sent, so it is queued whole and goes out with the
+            # end of the request in one send.  Anything else is an iterator
+            # that may take its time between parts: each part is sent at once.
+            whole = type(result) in (list, tuple)
             try:
                 for data in result:
                     if not isinstance(data, (bytes, bytearray)):
@@ -912,6 +1258,8 @@ class WSGIServer(fcgi.WSGIServer):
                         if state["status"] is None:
                             raise AssertionError("body before start_response()")
                         send(data)
+                        if not whole:
+                            flush()
                     if req.aborted:
                         log.info("request aborted by the web server: %s %s",
                                  method, environ.get("REQUEST_URI", ""))

@@ -145,6 +145,15 @@ def run(args: argparse.Namespace) -> int:
     return code
 
 
+def _exit_past_deadline(slot) -> None:
+    """The drain deadline passed while the only serving thread is stuck in the
+    application (threads = 1): free the slot and exit 1 without waiting."""
+    slot.clear()
+    logging.shutdown()
+    sys.stderr.flush()
+    os._exit(EXIT_DEADLINE)
+
+
 def serve(app: Callable, listener: socket.socket, dep, slot, stop_requested: bool = False) -> int:
     """Serve until SIGTERM/SIGINT, then drain; returns the exit status."""
     from fcgi_toolkit.flupfix import WSGIServer
@@ -169,7 +178,8 @@ def serve(app: Callable, listener: socket.socket, dep, slot, stop_requested: boo
                  _describe(listener), workers.threads)
 
     try:
-        return server.serve(listener, on_ready=on_ready, on_drain=slot.set_draining)
+        return server.serve(listener, on_ready=on_ready, on_drain=slot.set_draining,
+                            on_deadline=lambda: _exit_past_deadline(slot))
     finally:
         signal.set_wakeup_fd(old_wakeup)
         for sig, handler in previous.items():
