@@ -31,18 +31,20 @@ COLUMNS = [("contender", "contender", "s"), ("failed", "failed", "d"), ("request
            ("replacements", "replacements", "d")]
 
 
-def calibrate(ctx: Context) -> float:
-    """Requests/s per worker of the hello app (measured on the baseline)."""
-    known = ctx.shared.get("flup_rps_per_worker")
+def calibrate(ctx: Context, kind: str = "flup") -> float:
+    """Requests/s per worker of the hello app served by ``kind`` (measured in
+    this run: by the throughput scenario, or here with a short wrk run)."""
+    key = "%s_rps_per_worker" % kind
+    known = ctx.shared.get(key)
     if known:
         return known
-    stack = ctx.session.start("flup", Spec(app=APP, workers=ctx.workers), label="calibration")
+    stack = ctx.session.start(kind, Spec(app=APP, workers=ctx.workers), label="calibration")
     try:
         r = wrk.run(stack.url, 2 if not ctx.smoke else 1, ctx.connections)
     finally:
         ctx.session.stop(stack)
-    ctx.shared["flup_rps_per_worker"] = max(r.rps / ctx.workers, 50.0)
-    return ctx.shared["flup_rps_per_worker"]
+    ctx.shared[key] = max(r.rps / ctx.workers, 50.0)
+    return ctx.shared[key]
 
 
 def _restart_loop(stack, workers: int, period: float, stop: threading.Event, done: list) -> None:

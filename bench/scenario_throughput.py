@@ -79,9 +79,10 @@ def run(ctx: Context) -> Result:
                              "all_rps": [r.rps for r in rs]})
             add_ratios(rows, BASELINE, "rps")
             result.rows += rows
-            flup = next((r for r in rows if r["contender"] == "flup"), None)
-            if app_name == "hello" and flup and flup["rps"]:
-                ctx.shared["flup_rps_per_worker"] = flup["rps"] / ctx.workers
+            if app_name == "hello":
+                for row in rows:
+                    if row["contender"] in ("flup", "ours", "uwsgi") and row["rps"]:
+                        ctx.shared["%s_rps_per_worker" % row["contender"]] = row["rps"] / ctx.workers
             ours = next((r for r in rows if r["contender"] == "ours"), None)
             if ours and ours["rps"]:
                 # Per-request wall time in one worker, for the scoreboard-cost scenario.
