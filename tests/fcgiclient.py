@@ -425,3 +425,40 @@ class WorkerProcess:
             self.proc.wait(10)
         finally:
             self._log.close()
+
+
+class Spawner:
+    """Starts workers for a test and stops them (and closes their listeners) in :meth:`close`.
+
+    ``spawn(kind="unix"|"tcp", listener=None, slot=0, env=None, ready=True,
+    server=None, **workers_settings)``: ``server`` forces "ours" or "flup"
+    (default: FCGI_TOOLKIT_SERVER).  Our worker is always waited for until
+    its scoreboard says ready; bare flup6 has no scoreboard and is probed with
+    a request, which ``ready=False`` skips (for a worker that refuses the
+    test client, e.g. through FCGI_WEB_SERVER_ADDRS).
+    """
+
+    def __init__(self, tmp_path):
+        self.tmp_path = tmp_path
+        self.workers: list = []
+        self.listeners: list = []
+
+    def spawn(self, kind: str = "unix", listener: Optional[Listener] = None, slot: int = 0,
+              env: Optional[dict] = None, ready: bool = True, server: Optional[str] = None,
+              **workers_settings) -> "WorkerProcess":
+        if listener is None:
+            listener = Listener(self.tmp_path, kind)
+            self.listeners.append(listener)
+        deploy = write_deploy(self.tmp_path, **workers_settings)
+        w = WorkerProcess(deploy, listener, slot=slot, env=env, kind=server)
+        self.workers.append(w)
+        if ready or w.kind != "flup":
+            w.wait_ready()
+        return w
+
+    def close(self) -> None:
+        for w in self.workers:
+            w.stop()
+        for listener in self.listeners:
+            listener.close()
+

@@ -23,24 +23,9 @@ FLUP = fc.server_kind() == "flup"
 @pytest.fixture
 def spawn(tmp_path):
     """spawn(kind="unix"|"tcp", env=..., ready=True, **workers) -> WorkerProcess"""
-    workers, listeners = [], []
-
-    def _spawn(kind="unix", env=None, ready=True, listener=None, slot=0, **settings):
-        if listener is None:
-            listener = fc.Listener(tmp_path, kind)
-            listeners.append(listener)
-        deploy = fc.write_deploy(tmp_path, **settings)
-        w = fc.WorkerProcess(deploy, listener, slot=slot, env=env)
-        workers.append(w)
-        if ready or not FLUP:
-            w.wait_ready()
-        return w
-
-    yield _spawn
-    for w in workers:
-        w.stop()
-    for listener in listeners:
-        listener.close()
+    spawner = fc.Spawner(tmp_path)
+    yield spawner.spawn
+    spawner.close()
 
 
 def close_count(address, key):

@@ -7,6 +7,7 @@ Tier 2 cases run one Connection in-process over a socketpair whose server end
 records its calls; tier 3 cases run ``fcgi-toolkit worker`` with
 ``threads = 1`` (the inline mode, the default) through drain and deadline.
 """
+import functools
 import os
 import socket
 import struct
@@ -275,23 +276,10 @@ def wait_for(predicate, timeout=10.0):
 
 @pytest.fixture
 def spawn(tmp_path):
-    workers, listeners = [], []
-
-    def _spawn(**workers_settings):
-        listener = fc.Listener(tmp_path)
-        listeners.append(listener)
-        workers_settings.setdefault("threads", 1)
-        deploy = fc.write_deploy(tmp_path, **workers_settings)
-        w = fc.WorkerProcess(deploy, listener, kind="ours")
-        workers.append(w)
-        w.wait_ready()
-        return w
-
-    yield _spawn
-    for w in workers:
-        w.stop()
-    for listener in listeners:
-        listener.close()
+    """Workers serving with one thread: the inline path."""
+    spawner = fc.Spawner(tmp_path)
+    yield functools.partial(spawner.spawn, server="ours", threads=1)
+    spawner.close()
 
 
 def test_inline_worker_idle_keepalive_does_not_hold_the_drain(spawn):

@@ -4,6 +4,7 @@ SIGUSR1 stack dumps, exit statuses, cgi-fcgi interop, TCP_NODELAY.
 These are properties of ``fcgi-toolkit worker`` itself (bare flup6 has no
 scoreboard or drain), so they do not take part in the comparison mode.
 """
+import functools
 import os
 import shutil
 import signal
@@ -24,24 +25,9 @@ from fcgi_toolkit.scoreboard import Scoreboard  # noqa: E402
 
 @pytest.fixture
 def spawn(tmp_path):
-    workers, listeners = [], []
-
-    def _spawn(kind="unix", listener=None, slot=0, env=None, ready=True, **workers_settings):
-        if listener is None:
-            listener = fc.Listener(tmp_path, kind)
-            listeners.append(listener)
-        deploy = fc.write_deploy(tmp_path, **workers_settings)
-        w = fc.WorkerProcess(deploy, listener, slot=slot, env=env, kind="ours")
-        workers.append(w)
-        if ready:
-            w.wait_ready()
-        return w
-
-    yield _spawn
-    for w in workers:
-        w.stop()
-    for listener in listeners:
-        listener.close()
+    spawner = fc.Spawner(tmp_path)
+    yield functools.partial(spawner.spawn, server="ours")
+    spawner.close()
 
 
 def board_for(w):
