@@ -484,10 +484,29 @@ def test_stop_drains_a_worker_holding_a_kept_alive_connection(keepalive):
     some worker.  Stopping that worker under load: it drains and exits 0
     (the idle connection does not hold it until graceful_timeout), and no
     request fails (nginx retries a request that finds the cached connection
-    closed)."""
+    closed).
+
+    nginx may drop its cached connection on its own just before the stop
+    (keepalive_requests, keepalive_timeout); the worker then drains with no
+    idle connection, which does not exercise this case, so the test tries
+    again (at most 3 times) with another worker.  Every attempt must lose no
+    request.
+    """
     c = keepalive
     port = int(c.dep.socket_url.rpartition(":")[2])
+    for attempt in range(3):
+        idle_at_drain, pid = _stop_the_keepalive_holder(c, port)
+        if idle_at_drain >= 1:
+            break
+    assert idle_at_drain >= 1, "the drain never met nginx's idle kept-alive connection in 3 attempts"
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def _stop_the_keepalive_holder(c, port: int) -> tuple:
+    """Warm up, stop the worker holding nginx's cached connection under load;
+    return (connections open when its drain began, its pid)."""
     statuses_before = c.access_log_statuses()
+    c.wait_ready(timeout=30)
     warm = c.load("/hello", threads=3, count=60, timeout=CLIENT_TIMEOUT)
     warm.start()
     warm.join(timeout=30)
@@ -522,10 +541,10 @@ def test_stop_drains_a_worker_holding_a_kept_alive_connection(keepalive):
     log = [line for line in c.worker_log(slot).splitlines() if "[%d]" % pid in line]
     text = "\n".join(log)
     m = re.search(r"draining: (\d+) connection\(s\) open, 0 request\(s\) in flight", text)
-    assert m and int(m.group(1)) >= 1, text   # the idle kept-alive connection
+    assert m, text
     assert "drained: every request finished" in text
     assert "graceful timeout" not in text
-    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    return int(m.group(1)), pid
 
 
 # --------------------------------------------------------------------------
