@@ -125,6 +125,18 @@ def client_allowed(family: int, addr: Any, allowed: Optional[frozenset]) -> bool
     return host in allowed
 
 
+def _pair_length(data: bytes, pos: int, end: int) -> tuple[int, int]:
+    """One name or value length of a FastCGI pair at ``pos`` (1 byte, or 4
+    with the high bit set); returns (length, position after it)."""
+    if pos >= end:
+        raise ProtocolError("truncated name-value pair")
+    if data[pos] & 0x80:
+        if pos + 4 > end:
+            raise ProtocolError("truncated name-value length")
+        return _LENGTH.unpack_from(data, pos)[0] & 0x7FFFFFFF, pos + 4
+    return data[pos], pos + 1
+
+
 def decode_params(data: bytes) -> dict:
     """FastCGI name-value pairs as a ``str -> str`` dict (latin-1, as CGI
     values are bytes); raises ProtocolError on a truncated pair (flup's
@@ -134,7 +146,6 @@ def decode_params(data: bytes) -> dict:
     text = data.decode("latin-1")
     out = {}
     pos, end = 0, len(data)
-    unpack_from = _LENGTH.unpack_from
     while pos < end:
         nlen = data[pos]
         if nlen < 128 and pos + 1 < end:
@@ -147,23 +158,8 @@ def decode_params(data: bytes) -> dict:
                 out[text[pos + 2:mid]] = text[mid:stop]
                 pos = stop
                 continue
-        if nlen & 0x80:
-            if pos + 4 > end:
-                raise ProtocolError("truncated name-value length")
-            nlen = unpack_from(data, pos)[0] & 0x7FFFFFFF
-            pos += 4
-        else:
-            pos += 1
-        if pos >= end:
-            raise ProtocolError("truncated name-value pair")
-        vlen = data[pos]
-        if vlen & 0x80:
-            if pos + 4 > end:
-                raise ProtocolError("truncated name-value length")
-            vlen = unpack_from(data, pos)[0] & 0x7FFFFFFF
-            pos += 4
-        else:
-            pos += 1
+        nlen, pos = _pair_length(data, pos, end)
+        vlen, pos = _pair_length(data, pos, end)
         mid = pos + nlen
         stop = mid + vlen
         if stop > end:
@@ -179,19 +175,8 @@ def decode_pairs(data: bytes) -> list:
     pairs = []
     pos, end = 0, len(data)
     while pos < end:
-        lengths = []
-        for _ in range(2):
-            if pos >= end:
-                raise ProtocolError("truncated name-value pair")
-            if data[pos] & 0x80:
-                if pos + 4 > end:
-                    raise ProtocolError("truncated name-value length")
-                lengths.append(_LENGTH.unpack_from(data, pos)[0] & 0x7FFFFFFF)
-                pos += 4
-            else:
-                lengths.append(data[pos])
-                pos += 1
-        nlen, vlen = lengths
+        nlen, pos = _pair_length(data, pos, end)
+        vlen, pos = _pair_length(data, pos, end)
         if pos + nlen + vlen > end:
             raise ProtocolError("name-value pair longer than its record")
         pairs.append((bytes(data[pos:pos + nlen]), bytes(data[pos + nlen:pos + nlen + vlen])))
