@@ -72,6 +72,15 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def port_open(port: int, host: str = "127.0.0.1", timeout: float = 1.0) -> bool:
+    """Whether something accepts TCP connections on host:port now."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def toml_dumps(data: Mapping[str, Mapping[str, Any]]) -> str:
     """A small TOML writer for deploy files: tables of scalars, lists, inline tables."""
     def value(v: Any) -> str:
@@ -331,11 +340,7 @@ class Cluster:
     def _nginx_up(self) -> bool:
         if not self.dep.nginx.managed:
             return True
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                return True
-        except OSError:
-            return False
+        return port_open(self.port)
 
     def _remember(self) -> None:
         """Record every descendant of supervisord so that stop() can kill leftovers."""

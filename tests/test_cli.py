@@ -242,11 +242,10 @@ def test_run_on_a_host_view_needs_no_nginx(tmp_path):
     workers on the host's address, no nginx (none is installed here: the
     configured binary does not exist) and no "open:" URL; TERM stops it."""
     import signal
-    import socket
     import tempfile
     import threading
     import time
-    from harness import free_port
+    from harness import free_port, port_open
     runtime_dir = tempfile.mkdtemp(prefix="fct-h11-")
     proc = None
     try:
@@ -263,11 +262,7 @@ def test_run_on_a_host_view_needs_no_nginx(tmp_path):
 
         def serving() -> bool:
             assert proc.poll() is None, "run exited: %r" % lines
-            try:
-                with socket.create_connection(("127.0.0.2", port), timeout=2):
-                    return True
-            except OSError:
-                return False
+            return port_open(port, "127.0.0.2", timeout=2)
 
         deadline = time.monotonic() + 60
         while not serving():

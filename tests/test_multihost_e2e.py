@@ -34,7 +34,7 @@ import pytest
 
 import fcgiclient
 from conftest import requires_nginx
-from harness import APPS_DIR, LoadGenerator, free_port, http_request, wait_for
+from harness import APPS_DIR, LoadGenerator, free_port, http_request, port_open, wait_for
 from fcgi_toolkit import render, runner, scoreboard, settings
 from supervisor.states import ProcessStates
 from supervisor.xmlrpc import SupervisorTransport
@@ -201,11 +201,7 @@ class MultiHost:
     def _nginx_up(self) -> bool:
         if self.nginx.poll() is not None:
             raise RuntimeError("nginx exited with %s" % self.nginx.returncode)
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                return True
-        except OSError:
-            return False
+        return port_open(self.port)
 
     def stop(self) -> None:
         try:
