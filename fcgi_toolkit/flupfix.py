@@ -1277,7 +1277,12 @@ class WSGIServer(fcgi.WSGIServer):
 
 def sanitize_environ(environ: dict) -> None:
     """Fill the CGI keys WSGI requires; derive PATH_INFO from nginx's
-    DOCUMENT_URI (decoded) when the web server sets none."""
+    DOCUMENT_URI (decoded) when the web server sets none; drop the body's
+    length and type repeated as HTTP_* (a web server passing every header,
+    e.g. nginx with the distribution's fastcgi_params: CGI and PEP 3333
+    forbid them next to CONTENT_LENGTH/CONTENT_TYPE)."""
+    environ.pop("HTTP_CONTENT_LENGTH", None)
+    environ.pop("HTTP_CONTENT_TYPE", None)
     environ.setdefault("SCRIPT_NAME", "")
     uri = environ.get("REQUEST_URI", "")
     if not environ.get("PATH_INFO"):

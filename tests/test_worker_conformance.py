@@ -191,6 +191,16 @@ def test_large_request_body(spawn):
     assert r.ended and r.status == 200 and r.body == body
 
 
+def test_body_headers_repeated_as_http_variables_are_dropped(spawn):
+    """A web server passing every request header as HTTP_* (nginx with the
+    distribution's fastcgi_params) repeats Content-Length/Content-Type; CGI
+    and PEP 3333 forbid them, and the validated /echo would fail."""
+    w = spawn()
+    extra = {"HTTP_CONTENT_LENGTH": "5", "HTTP_CONTENT_TYPE": "application/octet-stream"}
+    r = fc.request(w.listener.address, "/echo", method="POST", body=b"hello", extra=extra, timeout=10)
+    assert r.ended and r.status == 200 and r.body == b"hello"
+
+
 @pytest.mark.parametrize("method,uri,status", [("HEAD", "/head", 200), ("GET", "/204", 204),
                                                 ("GET", "/304", 304)])
 def test_no_body(spawn, method, uri, status):
