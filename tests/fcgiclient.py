@@ -20,6 +20,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from typing import Optional, Union
+from urllib.parse import quote
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 APPS = os.path.join(HERE, "apps")
@@ -342,6 +343,31 @@ def write_deploy(tmp_path, name: str = "conf", wsgi: str = "conformance:applicat
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
     return path
+
+
+_mark_counter = itertools.count()
+
+
+class Marker:
+    """A request that is known to be running in the app.
+
+    ``uri(seconds)`` is a ``/sleep`` of the conformance app that first creates
+    this marker's file; :meth:`wait` returns once the file exists, that is
+    once the request has reached the application (ours or bare flup6 alike).
+    """
+
+    def __init__(self, tmp_path):
+        self.path = os.path.join(str(tmp_path), "mark-%d" % next(_mark_counter))
+
+    def uri(self, seconds: float) -> str:
+        return "/sleep?s=%s&mark=%s" % (seconds, quote(self.path, safe=""))
+
+    def wait(self, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not os.path.exists(self.path):
+            if time.monotonic() > deadline:
+                raise AssertionError("the request did not reach the app within %.0fs" % timeout)
+            time.sleep(0.02)
 
 
 class WorkerProcess:

@@ -531,7 +531,9 @@ def _stop_the_keepalive_holder(c, port: int) -> tuple:
     try:
         stopper.join(30)
         assert stop_out and "stopped" in stop_out[0], stop_out
-        time.sleep(1.0)   # traffic after the stop, on the remaining worker
+        # Traffic after the stop, on the remaining worker.
+        served = load.total
+        wait_for(lambda: load.total >= served + 30, 15, "requests served after the stop")
     finally:
         load.stop()
         load.join(timeout=CLIENT_TIMEOUT + 5)

@@ -57,7 +57,7 @@ def test_reload_under_load_replaces_every_worker_with_zero_failures(cluster, tmp
     watcher.start()
     load = c.load("/", threads=3, duration=12, pause=0.01).start()
     try:
-        time.sleep(1)
+        wait_for(lambda: load.total >= 30, 10, "the load to be served before the reload")
         r = c.toolkit("reload", "-c", c.deploy_path, timeout=60)
     finally:
         load.join()
@@ -93,10 +93,10 @@ def test_editing_a_watched_file_under_load_gives_one_rolling_reload(cluster, tmp
     before = c.ready_workers()
     load = c.load("/", threads=3, duration=12, pause=0.01).start()
     try:
-        time.sleep(1)
+        wait_for(lambda: load.total >= 30, 10, "the load to be served before the edits")
         for version in ("2", "3", "4"):       # many writes ...
             vfile.write_text(version)
-            time.sleep(0.2)
+            time.sleep(0.2)   # pacing: several writes inside one debounce window
         # ... one reload, to the last version.
         wait_for(lambda: "rolling reload done" in c.watchdog_log(), 30, "the rolling reload")
     finally:

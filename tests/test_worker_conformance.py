@@ -331,11 +331,12 @@ def test_silent_peer_does_not_block_shutdown(spawn):
 # 3. Connections and load
 # --------------------------------------------------------------------------
 
-def test_busy_worker_leaves_new_connections_in_the_backlog(spawn):
+def test_busy_worker_leaves_new_connections_in_the_backlog(spawn, tmp_path):
     w = spawn(threads=1)
+    mark = fc.Marker(tmp_path)
     with fc.FastCGIConnection(w.listener.address, timeout=10) as busy:
-        busy.start("/sleep?s=1.5")
-        time.sleep(0.3)   # the sleep request is running
+        busy.start(mark.uri(1.5))
+        mark.wait()   # the sleep request is running
         r = fc.request(w.listener.address, "/hello", timeout=10)
         assert not r.reset and r.ended and r.status == 200
         assert busy.read_response().body == b"slept\n"
@@ -375,11 +376,12 @@ def test_idle_keepalive_connection_does_not_hold_draining_worker(spawn):
         assert w.wait(10) == 0
 
 
-def test_inflight_request_completes_on_sigterm(spawn):
+def test_inflight_request_completes_on_sigterm(spawn, tmp_path):
     w = spawn(graceful_timeout="20s")
+    mark = fc.Marker(tmp_path)
     with fc.FastCGIConnection(w.listener.address, timeout=10) as conn:
-        conn.start("/sleep?s=2")
-        time.sleep(0.5)
+        conn.start(mark.uri(2))
+        mark.wait()
         w.terminate()
         r = conn.read_response()
         assert r.ended and r.status == 200 and r.body == b"slept\n"

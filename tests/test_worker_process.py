@@ -70,11 +70,12 @@ def test_drain_finishes_inflight_and_backlog_goes_to_another_worker(spawn):
     board.close()
 
 
-def test_keepalive_connection_mid_request_closes_after_it(spawn):
+def test_keepalive_connection_mid_request_closes_after_it(spawn, tmp_path):
     w = spawn(idle_timeout="60s")
+    mark = fc.Marker(tmp_path)
     with fc.FastCGIConnection(w.listener.address, timeout=10) as conn:
-        conn.start("/sleep?s=1", keep=True)
-        time.sleep(0.3)
+        conn.start(mark.uri(1), keep=True)
+        mark.wait()
         w.terminate()
         r = conn.read_response()
         assert r.ended and r.status == 200
@@ -82,11 +83,12 @@ def test_keepalive_connection_mid_request_closes_after_it(spawn):
     assert w.wait(10) == 0
 
 
-def test_drain_deadline_exits_1_naming_the_cut_request(spawn):
+def test_drain_deadline_exits_1_naming_the_cut_request(spawn, tmp_path):
     w = spawn(graceful_timeout="1s")
+    mark = fc.Marker(tmp_path)
     with fc.FastCGIConnection(w.listener.address, timeout=15) as conn:
-        conn.start("/sleep?s=8")
-        time.sleep(0.3)
+        conn.start(mark.uri(8))
+        mark.wait()
         w.terminate()
         assert w.wait(10) == 1
         r = conn.read_response(timeout=5)
@@ -117,11 +119,12 @@ def test_scoreboard_shows_requests_and_inflight(spawn):
     board.close()
 
 
-def test_sigusr1_dumps_every_thread_stack(spawn):
+def test_sigusr1_dumps_every_thread_stack(spawn, tmp_path):
     w = spawn(threads=2)
+    mark = fc.Marker(tmp_path)
     with fc.FastCGIConnection(w.listener.address, timeout=10) as conn:
-        conn.start("/sleep?s=1.5")
-        time.sleep(0.3)
+        conn.start(mark.uri(1.5))
+        mark.wait()
         w.signal(signal.SIGUSR1)
         assert w.wait_log("most recent call first", 5)
         assert conn.read_response().status == 200

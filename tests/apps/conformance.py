@@ -21,7 +21,7 @@ Routes (query strings as noted).  Routes that follow PEP 3333 are wrapped in
 /204, /304             no body allowed
 /nolength              two chunks, no Content-Length
 /headers?n=N&size=S    N extra headers X-Test-i, and one X-Big of S bytes
-/sleep?s=S             sleeps S seconds, then 200 "slept"
+/sleep?s=S[&mark=F]    creates file F (if given), sleeps S seconds, then 200 "slept"
 /pid                   the worker's pid
 /environ               selected environ keys, os.environ[CONFORMANCE_ENV], cwd as JSON
 """
@@ -199,8 +199,11 @@ def headers(environ, start_response):
 
 
 def sleep(environ, start_response):
-    seconds = float(_qs(environ).get("s", "1"))
-    time.sleep(seconds)
+    qs = _qs(environ)
+    if qs.get("mark"):
+        # The test's observable "the request is running in the app".
+        open(qs["mark"], "w").close()
+    time.sleep(float(qs.get("s", "1")))
     return _text(start_response, "slept\n")
 
 
