@@ -49,12 +49,13 @@ def venv(tmp_path_factory):
     # below is what `import fcgi_toolkit` finds.
     run([sys.executable, "-m", "venv", "--without-pip", str(env_dir)])
     python = str(env_dir / "bin" / "python")
+    # pip from the running interpreter installs into the new venv's prefix;
+    # before the .pth exists, or pip would find tox's copy "already installed".
+    run([sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "--no-index",
+         wheel])
     own = run([python, "-c", "import site; print(site.getsitepackages()[0])"]).stdout.strip()
     with open(os.path.join(own, "_test_deps.pth"), "w", encoding="utf-8") as f:
         f.write("\n".join(site.getsitepackages()) + "\n")
-    # pip from the running interpreter installs into the new venv's prefix.
-    run([sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "--no-index",
-         wheel])
     return {"python": python, "wheel": wheel, "dir": str(env_dir), "base": base}
 
 
