@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Callable, Mapping, Optional
 
+from fcgi_toolkit import names
 from fcgi_toolkit.converters import (
     name,
     wsgi_ref,
@@ -289,7 +290,7 @@ class Deployment:
         return self.workers.count + self.workers.standby
 
     def slot_names(self) -> list[str]:
-        return ["%s_%02d" % (self.name, i) for i in range(self.slots)]
+        return names.slot_names(self.name, self.slots)
 
     @property
     def runtime_dir(self) -> str:
@@ -355,6 +356,7 @@ class Deployment:
             base_dir=self.base_dir,
             slots=self.slots,
             slot_names=self.slot_names(),
+            slot_process_name=names.SUPERVISOR_SLOT_NAME,
             runtime_dir=self.runtime_dir,
             log_dir=self.log_dir,
             scoreboard_path=self.scoreboard_path,

@@ -14,14 +14,15 @@ import random
 import xmlrpc.client
 
 import pytest
-from supervisor.states import ProcessStates as PS
+from supervisor.states import ProcessStates as PS, SupervisorStates
 from supervisor.xmlrpc import Faults
 
 from fcgi_toolkit import settings, statefile
-from fcgi_toolkit.coordinator import Coordinator, worker_error
+from fcgi_toolkit.coordinator import Coordinator
 from fcgi_toolkit.listener import EventStream, Listener
 from fcgi_toolkit.policy import Limits
 from fcgi_toolkit.sampler import Sampler
+from fcgi_toolkit.supervisord import worker_error
 from fcgi_toolkit.scoreboard import SlotRecord
 
 MB = 1024 * 1024
@@ -56,6 +57,7 @@ class FakeSupervisor:
         self.logs: dict[str, str] = {}
         self.next_pid = 1000
         self.default_rss = 20 * MB
+        self.supervisor_state = SupervisorStates.RUNNING
 
     def _name(self, spec):
         group, _, name = spec.partition(":")
@@ -69,6 +71,11 @@ class FakeSupervisor:
         self.calls.append(("getAllProcessInfo",))
         self.step()
         return [dict(p) for p in self.procs.values()]
+
+    def getState(self):
+        return {"statecode": self.supervisor_state,
+                "statename": {1: "RUNNING", -1: "SHUTDOWN", 0: "RESTARTING"}.get(
+                    self.supervisor_state, "?")}
 
     def startProcess(self, spec, wait=True):
         self.calls.append(("startProcess", spec, wait))
@@ -224,7 +231,7 @@ class World:
             self.clock.advance(every)
 
     def state(self):
-        return statefile.load_state(self.dep.state_path)
+        return statefile.read_state(self.dep.state_path)
 
     def started(self):
         """Bring the group up: count workers running and ready."""

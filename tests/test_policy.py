@@ -5,7 +5,7 @@ import random
 
 from supervisor.states import ProcessStates
 
-from fcgi_toolkit import policy
+from fcgi_toolkit import names, policy
 from fcgi_toolkit.policy import (DumpStacks, Hold, Kill, Limits, Memory, Recycle, SlotSnapshot,
                                  Snapshot, Start, Stop)
 from fcgi_toolkit.sampler import Sampler
@@ -51,7 +51,8 @@ def test_nothing_to_do_when_every_worker_is_within_limits():
 def test_rss_over_limit_recycles_with_a_readable_reason():
     s = snap(worker(0, rss=301 * MB), worker(1), stopped(2))
     [action] = policy.decide(s, NOW, LIMITS, Memory())
-    assert action == Recycle("wiki_00", 100, "rss 301MB > 256MB", "rss", 301 / 256, False)
+    assert action == Recycle("wiki_00", 100, "rss 301MB > 256MB", "rss", 301 / 256, False,
+                             replacement="wiki_02")
 
 
 def test_worst_offender_first_and_concurrency_cap():
@@ -197,12 +198,12 @@ def test_reconcile_stops_extra_highest_first_and_waits_for_operations():
 
 
 def test_formatting():
-    assert policy.format_size(301 * MB) == "301MB"
-    assert policy.format_size(int(80.5 * MB)) == "80.5MB"
-    assert policy.format_duration(45) == "45s"
-    assert policy.format_duration(185) == "3m05s"
-    assert policy.format_duration(6 * 3600) == "6h"
-    assert policy.format_duration(6 * 3600 + 125) == "6h02m"
+    assert names.format_size(301 * MB) == "301MB"
+    assert names.format_size(int(80.5 * MB)) == "80.5MB"
+    assert names.format_duration(45) == "45s"
+    assert names.format_duration(185) == "3m05s"
+    assert names.format_duration(6 * 3600) == "6h"
+    assert names.format_duration(6 * 3600 + 125) == "6h02m"
 
 
 class _Proc:
@@ -266,7 +267,7 @@ def test_the_newer_of_sample_and_publication_decides():
     older = published(sampled, 300 * MB, NOW - 2)
     assert newer.latest_rss == 300 * MB and older.latest_rss == 100 * MB
     assert policy.decide(snap(newer, worker(1), stopped(2)), NOW, LIMITS, Memory()) == [
-        Recycle("wiki_00", 100, "rss 300MB > 256MB", "rss", 300 / 256)]
+        Recycle("wiki_00", 100, "rss 300MB > 256MB", "rss", 300 / 256, replacement="wiki_02")]
     assert policy.decide(snap(older, worker(1), stopped(2)), NOW, LIMITS, Memory()) == []
     # A worker whose sample failed (rss 0, no time) is judged by what it published.
     unsampled = published(worker(0, rss=0), 300 * MB, NOW - 5)
