@@ -38,11 +38,12 @@ from supervisor.states import ProcessStates
 
 from fcgi_toolkit import policy, recycle, statefile
 from fcgi_toolkit.names import format_duration, format_size
-from fcgi_toolkit.policy import Limits, Memory, Recycle, Snapshot, Wait
+from fcgi_toolkit.policy import Limits, Memory, Recycle, Snapshot
 from fcgi_toolkit.recycle import Operation, Phase, StartProcess
 from fcgi_toolkit.statefile import Life
 from fcgi_toolkit.supervisord import CommandFailed, Gateway
-from fcgi_toolkit.triggers import FileWatch, read_request, resolve_slot
+from fcgi_toolkit.reloads import RollingReload
+from fcgi_toolkit.triggers import FileWatch, OperatorRequests
 from fcgi_toolkit.watchdog_actions import ActionRunner
 
 log = logging.getLogger("fcgi_toolkit.watchdog")
@@ -93,6 +94,8 @@ class Coordinator:
         self.state = statefile.load_state(self.state_path)
         self.recall = Recall()
         self.actions = ActionRunner(self)
+        self.requests = OperatorRequests(self)
+        self.reloads = RollingReload(self)
         self.last_snapshot: Optional[Snapshot] = None
         self.standing_by = False
         self._saved: Optional[dict] = None
@@ -166,10 +169,10 @@ class Coordinator:
             self._observe(snap, now)
             for op in list(self.state.recycle.values()):
                 self._step(op, *recycle.advance(op, snap, now, self.ready_timeout), now=now)
-            self._serve_requests(snap, now)
+            self.requests.serve(snap, now)
             if self.watch.due(now, may_fire=self.state.reload is None):
-                self.begin_reload(snap, now, "watch")
-            self._advance_reload(snap, now)
+                self.reloads.begin(snap, now, "watch")
+            self.reloads.advance(snap, now)
             ops_before = bool(self.state.recycle)
             for action in policy.decide(snap, now, self.limits, self.memory()):
                 self.actions.carry_out(action, snap, now)
@@ -303,99 +306,4 @@ class Coordinator:
         if op.request:
             statefile.answer(self.runtime_dir, op.request, False, message)
         if op.origin == "reload":
-            self._end_reload(False, message)
-
-    # -- operator requests --------------------------------------------------------
-    def _serve_requests(self, snap: Snapshot, now: float) -> None:
-        taken = {op.request for op in self.state.recycle.values()}
-        if self.state.reload:
-            taken.add(self.state.reload.request)
-        for request_id, data in statefile.pending(self.runtime_dir):
-            if request_id in taken:
-                continue
-            request, refusal = read_request(request_id, data)
-            if request is None:
-                statefile.answer(self.runtime_dir, request_id, False, refusal)
-            elif request.op == "recycle":
-                self._request_recycle(snap, now, request_id, request.worker)
-            elif self.state.reload:
-                statefile.answer(self.runtime_dir, request_id, False,
-                                 "a rolling reload is already in progress")
-            else:
-                self.begin_reload(snap, now, "operator", request_id)
-
-    def _request_recycle(self, snap: Snapshot, now: float, request_id: str, worker: str) -> None:
-        name = resolve_slot(worker, self.gateway.group, self.slot_names)
-        slot = snap.get(name) if name else None
-        refusal = ""
-        if slot is None:
-            refusal = "unknown worker %r (slots: %s)" % (worker, ", ".join(self.slot_names))
-        elif name in self.state.busy():
-            refusal = "%s is already being replaced" % name
-        elif slot.state != ProcessStates.RUNNING:
-            refusal = "%s is not running (%s)" % (name, slot.statename)
-        if refusal:
-            return statefile.answer(self.runtime_dir, request_id, False, refusal)
-        decision = policy.admit(snap, now, self.limits, self.memory(), name, "operator request",
-                                "operator")
-        if isinstance(decision, Wait):
-            if request_id not in self.recall.waiting_logged:
-                self.recall.waiting_logged.add(request_id)
-                log.info("operator recycle of %s waits: %s", name, decision.why)
-            return
-        self.begin(decision, snap, now, "operator", request_id)
-
-    # -- rolling reload -------------------------------------------------------------
-    def begin_reload(self, snap: Snapshot, now: float, origin: str,
-                     request: Optional[str] = None) -> None:
-        refusal = policy.reload_refusal(self.limits)
-        if refusal:
-            log.error("reload refused: %s", refusal)
-            if request:
-                statefile.answer(self.runtime_dir, request, False, refusal)
-            return
-        old = {s.name: s.pid for s in snap.slots if s.active and s.pid}
-        self.state.reload = recycle.Reload(origin, old, now, request)
-        self.state.fresh_start()        # new code may cure what made slots back off or flap
-        self.recall.reload_stalled_since = None
-        log.info("rolling reload begins (%s): %d workers to replace", origin, len(old))
-        self.save()
-        self._advance_reload(snap, now)
-
-    def _advance_reload(self, snap: Snapshot, now: float) -> None:
-        reload = self.state.reload
-        if reload is None or any(op.origin == "reload" for op in self.state.recycle.values()):
-            return
-        remaining = recycle.reload_remaining(reload, snap)
-        if not remaining:
-            return self._end_reload(True, "reloaded %d workers in %.1fs" % (
-                reload.replaced, now - reload.began))
-        busy = self.state.busy()
-        target = next((s for s in remaining if s.name not in busy), None)
-        decision = (policy.admit(snap, now, self.limits, self.memory(), target.name, "reload",
-                                 "reload")
-                    if target else Wait("", "every old worker is being replaced"))
-        if isinstance(decision, Wait):
-            since = self.recall.reload_stalled_since
-            if since is None:
-                self.recall.reload_stalled_since = now
-            elif now - since > self.ready_timeout:
-                self._end_reload(False, "reload stopped: no progress for %s: %s" % (
-                    format_duration(now - since), decision.why))
-            return
-        self.recall.reload_stalled_since = None
-        self.begin(decision, snap, now, "reload")
-
-    def _end_reload(self, ok: bool, message: str) -> None:
-        reload = self.state.reload
-        if reload is None:
-            return
-        self.state.reload = None
-        if ok:
-            log.info("rolling reload done: %s", message)
-        else:
-            log.error("rolling reload stopped; the remaining old workers keep serving: %s",
-                      message)
-        if reload.request:
-            statefile.answer(self.runtime_dir, reload.request, ok, message)
-        self.save()
+            self.reloads.end(False, message)

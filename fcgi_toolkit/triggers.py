@@ -14,8 +14,11 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
 from supervisor.options import split_namespec
+from supervisor.states import ProcessStates
 
+from fcgi_toolkit import policy, statefile
 from fcgi_toolkit.names import format_duration
+from fcgi_toolkit.policy import Snapshot, Wait
 
 log = logging.getLogger("fcgi_toolkit.watchdog")
 
@@ -95,3 +98,50 @@ def read_request(request_id: str, data: Optional[dict[str, Any]]) -> tuple[Optio
     if op == "reload":
         return Request(request_id, op), ""
     return None, "unknown request %r" % (data,)
+
+
+class OperatorRequests:
+    """Answers the request files of ``fcgi-toolkit recycle/reload``; a request
+    the capacity guard cannot admit yet waits (it is asked again next pass)."""
+
+    def __init__(self, coordinator: Any):
+        self.co = coordinator
+
+    def serve(self, snap: Snapshot, now: float) -> None:
+        taken = {op.request for op in self.co.state.recycle.values()}
+        if self.co.state.reload:
+            taken.add(self.co.state.reload.request)
+        for request_id, data in statefile.pending(self.co.runtime_dir):
+            if request_id in taken:
+                continue
+            request, refusal = read_request(request_id, data)
+            if request is None:
+                statefile.answer(self.co.runtime_dir, request_id, False, refusal)
+            elif request.op == "recycle":
+                self._recycle(snap, now, request_id, request.worker)
+            elif self.co.state.reload:
+                statefile.answer(self.co.runtime_dir, request_id, False,
+                                 "a rolling reload is already in progress")
+            else:
+                self.co.reloads.begin(snap, now, "operator", request_id)
+
+    def _recycle(self, snap: Snapshot, now: float, request_id: str, worker: str) -> None:
+        name = resolve_slot(worker, self.co.gateway.group, self.co.slot_names)
+        slot = snap.get(name) if name else None
+        refusal = ""
+        if slot is None:
+            refusal = "unknown worker %r (slots: %s)" % (worker, ", ".join(self.co.slot_names))
+        elif name in self.co.state.busy():
+            refusal = "%s is already being replaced" % name
+        elif slot.state != ProcessStates.RUNNING:
+            refusal = "%s is not running (%s)" % (name, slot.statename)
+        if refusal:
+            return statefile.answer(self.co.runtime_dir, request_id, False, refusal)
+        decision = policy.admit(snap, now, self.co.limits, self.co.memory(), name, "operator request",
+                                "operator")
+        if isinstance(decision, Wait):
+            if request_id not in self.co.recall.waiting_logged:
+                self.co.recall.waiting_logged.add(request_id)
+                log.info("operator recycle of %s waits: %s", name, decision.why)
+            return
+        self.co.begin(decision, snap, now, "operator", request_id)
