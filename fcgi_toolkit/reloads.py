@@ -26,7 +26,7 @@ class RollingReload:
         self.co = coordinator
 
     def begin(self, snap: Snapshot, now: float, origin: str,
-                     request: Optional[str] = None) -> None:
+              request: Optional[str] = None) -> None:
         refusal = policy.reload_refusal(self.co.limits)
         if refusal:
             log.error("reload refused: %s", refusal)
@@ -51,8 +51,8 @@ class RollingReload:
                 reload.replaced, now - reload.began))
         busy = self.co.state.busy()
         target = next((s for s in remaining if s.name not in busy), None)
-        decision = (policy.admit(snap, now, self.co.limits, self.co.memory(), target.name, "reload",
-                                 "reload")
+        decision = (policy.admit(snap, now, self.co.limits, self.co.memory(), target.name,
+                                 "reload", "reload")
                     if target else Wait("", "every old worker is being replaced"))
         if isinstance(decision, Wait):
             since = self.co.recall.reload_stalled_since
