@@ -170,8 +170,7 @@ def worker_view(name: str, snap: Optional["SlotSnapshot"], slot_state: Mapping[s
         recycles=int(_number(slot_state.get("recycles"))),
         last_reason=str(slot_state.get("last_reason") or "") or None,
         last_recycle_time=_number(slot_state.get("last_time")) or None,
-        serving=(code == ProcessStates.RUNNING and live is not None and live.ready
-                 and not live.draining),
+        serving=probed and snap.ready,       # the watchdog's one "is ready" fact
         by_reason={str(k): int(_number(v)) for k, v in by_reason.items()},
     )
 
