@@ -137,8 +137,8 @@ class OperatorRequests:
             refusal = "%s is not running (%s)" % (name, slot.statename)
         if refusal:
             return statefile.answer(self.co.runtime_dir, request_id, False, refusal)
-        decision = policy.admit(snap, now, self.co.limits, self.co.memory(), name, "operator request",
-                                "operator")
+        decision = policy.admit(snap, now, self.co.limits, self.co.memory(), name,
+                                "operator request", "operator")
         if isinstance(decision, Wait):
             if request_id not in self.co.recall.waiting_logged:
                 self.co.recall.waiting_logged.add(request_id)
