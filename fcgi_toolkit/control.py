@@ -12,9 +12,10 @@ import argparse
 import os
 import sys
 import time
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from fcgi_toolkit import settings, statefile
+from fcgi_toolkit.names import request_wait
 
 POLL = 0.2
 
@@ -35,20 +36,18 @@ def add_arguments_reload(parser: argparse.ArgumentParser) -> None:
     _add_common(parser)
 
 
-def _progress(state: dict) -> str:
+def _progress(state: statefile.State) -> str:
     parts = []
-    reload = state.get("reload")
-    if reload:
-        parts.append("reload: %d of %d replaced" % (reload.get("replaced", 0),
-                                                    len(reload.get("old_pids", {}))))
-    for offender, op in sorted((state.get("recycle") or {}).items()):
-        parts.append("%s -> %s: %s" % (offender, op.get("replacement") or offender,
-                                       op.get("phase")))
+    if state.reload:
+        parts.append("reload: %d of %d replaced" % (state.reload.replaced,
+                                                    len(state.reload.old_pids)))
+    for offender, op in sorted(state.recycle.items()):
+        parts.append("%s -> %s: %s" % (offender, op.new_slot, op.phase.value))
     return "; ".join(parts)
 
 
 def wait_for_result(dep: settings.Deployment, request_id: str, timeout: float,
-                    out=sys.stdout, clock: Callable[[], float] = time.monotonic,
+                    out: Any = sys.stdout, clock: Callable[[], float] = time.monotonic,
                     sleep: Callable[[float], None] = time.sleep) -> Optional[dict]:
     """Poll for the listener's answer, printing progress; None on timeout."""
     deadline = clock() + timeout
@@ -65,45 +64,56 @@ def wait_for_result(dep: settings.Deployment, request_id: str, timeout: float,
     return statefile.result(dep.runtime_dir, request_id)
 
 
-def _submit(dep: settings.Deployment, request: dict, timeout: float, what: str) -> int:
-    if not os.path.isdir(dep.runtime_dir):
-        print("fcgi-toolkit: %s does not exist: is the deployment running?" % dep.runtime_dir,
-              file=sys.stderr)
-        return 1
+def submit(dep: settings.Deployment, request: dict, timeout: float,
+           out: Any = sys.stdout) -> Optional[dict]:
+    """Queue ``request`` for the watchdog (statefile's request files) and wait
+    for its result, writing progress to ``out``.  None if no answer came
+    within ``timeout``.  The request and its result are removed either way,
+    so a request given up on is withdrawn: the watchdog does not act on it
+    later.  ``fcgi-toolkit recycle/reload`` and ``fcgi recycle/reload`` (the
+    supervisorctl plugin) both submit through here."""
     request_id = statefile.enqueue(dep.runtime_dir, request)
-    print("%s: asked the watchdog (request %s), waiting up to %ds" % (what, request_id, timeout),
-          flush=True)
     try:
-        result = wait_for_result(dep, request_id, timeout)
+        return wait_for_result(dep, request_id, timeout, out=out)
     finally:
-        if statefile.result(dep.runtime_dir, request_id) is None:
-            # Give up: withdraw the request so that the listener does not act on it later.
-            statefile.forget(dep.runtime_dir, request_id)
+        statefile.forget(dep.runtime_dir, request_id)
+
+
+def not_running(dep: settings.Deployment) -> Optional[str]:
+    """Why no request can be handed to the watchdog (no runtime dir); None if one can."""
+    if os.path.isdir(dep.runtime_dir):
+        return None
+    return "%s does not exist: is the deployment running?" % dep.runtime_dir
+
+
+def watchdog_log(dep: settings.Deployment) -> str:
+    return os.path.join(dep.log_dir, dep.name + "_watchdog.log")
+
+
+def _submit(dep: settings.Deployment, request: dict, timeout: float, what: str) -> int:
+    why = not_running(dep)
+    if why:
+        print("fcgi-toolkit: %s" % why, file=sys.stderr)
+        return 1
+    print("%s: asked the watchdog, waiting up to %ds" % (what, timeout), flush=True)
+    result = submit(dep, request, timeout)
     if result is None:
         print("fcgi-toolkit: no answer from the watchdog listener within %ds (is supervisord"
-              " running? see %s)" % (timeout, os.path.join(dep.log_dir, dep.name + "_watchdog.log")),
-              file=sys.stderr)
+              " running? see %s)" % (timeout, watchdog_log(dep)), file=sys.stderr)
         return 1
-    statefile.forget(dep.runtime_dir, request_id)
     stream = sys.stdout if result.get("ok") else sys.stderr
     print("%s: %s" % (what, result.get("message", "")), file=stream)
     return 0 if result.get("ok") else 1
 
 
-def _one_recycle_time(dep: settings.Deployment) -> float:
-    return (dep.recycle.ready_timeout + dep.workers.graceful_timeout + 5
-            + 2 * dep.recycle.check_interval)
-
-
 def run_recycle(args: argparse.Namespace) -> int:
     dep = settings.load(args.config)
-    timeout = args.timeout if args.timeout is not None else _one_recycle_time(dep) + 30
+    timeout = args.timeout if args.timeout is not None else request_wait(dep, "recycle")
     return _submit(dep, {"op": "recycle", "worker": args.worker}, timeout,
                    "recycle %s" % args.worker)
 
 
 def run_reload(args: argparse.Namespace) -> int:
     dep = settings.load(args.config)
-    timeout = (args.timeout if args.timeout is not None
-               else _one_recycle_time(dep) * dep.workers.count + 30)
+    timeout = args.timeout if args.timeout is not None else request_wait(dep, "reload")
     return _submit(dep, {"op": "reload"}, timeout, "reload")

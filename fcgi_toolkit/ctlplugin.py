@@ -20,7 +20,6 @@ the top level imports only supervisor itself.
 from __future__ import annotations
 
 import json
-import os
 import shlex
 from typing import Any, Callable, Optional
 
@@ -97,19 +96,20 @@ class FcgiControllerPlugin(ControllerPluginBase):
 
         The worker name is passed on as typed: the watchdog resolves
         ``wiki_01``, ``wiki:wiki_01`` and ``01`` and answers an unknown one."""
+        from fcgi_toolkit import control
+        from fcgi_toolkit.names import request_wait
         dep = self._deployment()
         if dep is None:
             return
-        if not os.path.isdir(dep.runtime_dir):
-            return self._fail("fcgi: %s does not exist: is the deployment running?"
-                              % dep.runtime_dir, LSBInitExitStatuses.NOT_RUNNING)
-        timeout = request_timeout(dep, request["op"])
+        why = control.not_running(dep)
+        if why:
+            return self._fail("fcgi: %s" % why, LSBInitExitStatuses.NOT_RUNNING)
+        timeout = request_wait(dep, request["op"])
         self.ctl.output("%s: asked the watchdog, waiting up to %ds" % (what, timeout))
         result = self._submit(dep, request, timeout, _LineWriter(self.ctl.output))
         if result is None:
             self._fail("fcgi: %s: no answer from the watchdog within %ds (see %s)" % (
-                what, timeout, os.path.join(dep.log_dir, dep.name + "_watchdog.log")),
-                LSBInitExitStatuses.GENERIC)
+                what, timeout, control.watchdog_log(dep)), LSBInitExitStatuses.GENERIC)
         elif result.get("ok"):
             self.ctl.output("%s: %s" % (what, result.get("message", "")))
         else:
@@ -154,25 +154,10 @@ class _LineWriter:
         pass
 
 
-def request_timeout(dep: Any, op: str) -> float:
-    """How long to wait for the watchdog: one replacement (start, ready, drain),
-    times the worker count for a reload, plus slack; as ``fcgi-toolkit`` waits."""
-    one = (dep.recycle.ready_timeout + dep.workers.graceful_timeout + 5
-           + 2 * dep.recycle.check_interval)
-    return one * (dep.workers.count if op == "reload" else 1) + 30
-
-
 def submit_request(dep: Any, request: dict, timeout: float, out: Any) -> Optional[dict]:
-    """Queue ``request`` for the watchdog (statefile's request files) and wait
-    for its result with :func:`fcgi_toolkit.control.wait_for_result`, which
-    writes progress to ``out``.  None if no answer came within ``timeout``;
-    the request is then withdrawn so the watchdog does not act on it later."""
-    from fcgi_toolkit import control, statefile
-    request_id = statefile.enqueue(dep.runtime_dir, request)
-    try:
-        return control.wait_for_result(dep, request_id, timeout, out=out)
-    finally:
-        statefile.forget(dep.runtime_dir, request_id)
+    """The default ``submit``: :func:`fcgi_toolkit.control.submit`, imported on use."""
+    from fcgi_toolkit import control
+    return control.submit(dep, request, timeout, out)
 
 
 def make_plugin(controller: Any, **config: str) -> FcgiControllerPlugin:

@@ -131,7 +131,7 @@ def _set_stopping(listener: Listener) -> Callable[[int, Any], None]:
 
 def run(args: argparse.Namespace) -> int:
     # Imported here: these pull in psutil; the CLI stays light for other commands.
-    from fcgi_toolkit import settings
+    from fcgi_toolkit import settings, supervisord
     from fcgi_toolkit.coordinator import Coordinator
     from fcgi_toolkit.policy import Limits
     from fcgi_toolkit.sampler import Sampler
@@ -143,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
     if "SUPERVISOR_SERVER_URL" not in os.environ:
         log.error("SUPERVISOR_SERVER_URL is not set: the listener runs under supervisord only")
         return 2
-    rpc = childutils.getRPCInterface(os.environ)
+    rpc = supervisord.listener_proxy(os.environ)
     board = Scoreboard(dep.scoreboard_path, dep.slots)
     sampler = Sampler(dep.name, dep.slot_names(), board, Limits.from_deployment(dep))
     coordinator = Coordinator(dep, rpc, sampler)

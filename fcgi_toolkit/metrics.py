@@ -34,6 +34,7 @@ import xmlrpc.client
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional
 
 from fcgi_toolkit import status as status_mod
+from fcgi_toolkit import supervisord
 from fcgi_toolkit.converters import loopback_address
 
 if TYPE_CHECKING:
@@ -153,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
                                    % (dep.path, dep.metrics.listen, exc)) from None
 
     from prometheus_client import start_http_server
-    registry = make_registry(GroupCollector(dep, lambda: status_mod.supervisor_proxy(dep)))
+    registry = make_registry(GroupCollector(dep, lambda: supervisord.control_proxy(dep)))
     signal.signal(signal.SIGTERM, _Stop.handler)
     signal.signal(signal.SIGINT, _Stop.handler)
     try:

@@ -6,17 +6,15 @@ actions.  All sizes are integer bytes, all times epoch seconds or seconds.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Optional, Union
 
 from supervisor.states import ProcessStates
 
+from fcgi_toolkit.names import (CAPACITY_STATES, STARTABLE_STATES, format_duration, format_size,
+                                state_name)
 from fcgi_toolkit.scoreboard import SlotRecord, is_live
 
-#: States in which a slot counts as serving or about to serve.
-ACTIVE_STATES = (ProcessStates.STARTING, ProcessStates.RUNNING, ProcessStates.BACKOFF)
-#: States in which a slot may be started (a standby slot).
-STARTABLE_STATES = (ProcessStates.STOPPED, ProcessStates.EXITED, ProcessStates.FATAL)
 #: Limits whose early breach marks a worker as flapping.  A request count
 #: reached quickly only means load, so it never counts as flapping.
 FLAP_KINDS = ("rss", "age")
@@ -87,11 +85,11 @@ class SlotSnapshot:
 
     @property
     def statename(self) -> str:
-        return _STATE_NAMES.get(self.state, str(self.state))
+        return state_name(self.state)
 
     @property
     def active(self) -> bool:
-        return self.state in ACTIVE_STATES
+        return self.state in CAPACITY_STATES
 
     @property
     def startable(self) -> bool:
@@ -151,13 +149,26 @@ class Memory:
 
 @dataclass(frozen=True)
 class Recycle:
-    """Replace ``slot``'s worker gracefully (capacity held)."""
+    """Replace ``slot``'s worker gracefully (capacity held).
+
+    ``replacement`` is the standby slot the new worker starts in (lowest
+    free one first); None when workers.standby = 0: ``slot`` is stopped,
+    then started again.
+    """
     slot: str
     pid: int
     reason: str
     kind: str
     severity: float
     flapping: bool = False
+    replacement: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class Wait:
+    """A recycle of ``slot`` may not begin now: ``why`` (the capacity guard)."""
+    slot: str
+    why: str
 
 
 @dataclass(frozen=True)
@@ -212,29 +223,8 @@ class RssAlarm:
 
 
 # --------------------------------------------------------------------------
-# Formatting
+# Backoff
 # --------------------------------------------------------------------------
-
-def format_size(n: int) -> str:
-    """Bytes as "301MB" (1024-based); one decimal when whole MB would hide a difference."""
-    mb = n / (1024 * 1024)
-    if mb >= 1:
-        return "%dMB" % mb if mb == int(mb) or mb >= 100 else "%.1fMB" % mb
-    return "%dKB" % (n // 1024)
-
-
-def format_duration(seconds: float) -> str:
-    """Seconds as "45s", "3m05s", "6h", "6h02m"."""
-    s = int(seconds)
-    if s < 60:
-        return "%ds" % s
-    if s < 3600:
-        m, s = divmod(s, 60)
-        return "%dm%02ds" % (m, s) if s else "%dm" % m
-    h, rest = divmod(s, 3600)
-    m = rest // 60
-    return "%dh%02dm" % (h, m) if m else "%dh" % h
-
 
 def backoff_delay(level: int) -> float:
     """Exponential backoff: 2 s, 4 s, 8 s ... capped at 10 minutes."""
@@ -273,15 +263,69 @@ def _watched(slot: SlotSnapshot) -> bool:
         ProcessStates.RUNNING, ProcessStates.STOPPING)
 
 
+@dataclass(frozen=True)
+class Room:
+    """How many recycles may begin now, and in which standby slots."""
+    recycles: int
+    standby: tuple[str, ...] = ()    # free standby slots, lowest first (standby > 0 only)
+    why: str = ""                    # why none may begin (recycles == 0)
+
+
+def capacity(snapshot: Snapshot, now: float, limits: Limits, memory: Memory,
+             offender: Optional[str] = None) -> Room:
+    """The capacity guard, the one place that says whether a recycle may begin.
+
+    At most ``max_concurrent`` recycles at once.  With standby slots each
+    recycle needs a startable standby slot that is neither in a recycle nor
+    backing off; without standby a recycle stops its worker first, so at
+    least one other ready worker must keep serving.  ``offender`` (a recycle
+    of that one slot) does not count among the others.
+    """
+    room = limits.max_concurrent - memory.operations
+    if room <= 0:
+        return Room(0, why="%d recycle(s) already in progress (recycle.max_concurrent = %d)" % (
+            memory.operations, limits.max_concurrent))
+    if limits.standby > 0:
+        free = tuple(s.name for s in sorted(snapshot.slots, key=lambda s: s.index)
+                     if s.startable and s.name not in memory.busy
+                     and memory.backoff_until.get(s.name, 0.0) <= now)
+        if not free:
+            return Room(0, why="no standby slot is free (all running or backing off)")
+        return Room(min(room, len(free)), free)
+    ready = [s.name for s in snapshot.slots if s.ready and s.name not in memory.busy]
+    others = len([n for n in ready if n != offender]) if offender else len(ready) - 1
+    if others < 1:
+        return Room(0, why="no other worker is ready (workers.standby = 0 stops before it starts)")
+    return Room(min(room, others))
+
+
+def admit(snapshot: Snapshot, now: float, limits: Limits, memory: Memory, slot: str,
+          reason: str, kind: str) -> Union[Recycle, Wait]:
+    """A recycle of ``slot`` asked for outside :func:`decide` (an operator
+    request, a reload step): the action if the guard has room, else why not."""
+    room = capacity(snapshot, now, limits, memory, offender=slot)
+    if room.recycles < 1:
+        return Wait(slot, room.why)
+    found = snapshot.get(slot)
+    return Recycle(slot, found.pid if found else 0, reason, kind, 1.0,
+                   replacement=room.standby[0] if room.standby else None)
+
+
+def reload_refusal(limits: Limits) -> Optional[str]:
+    """Why a rolling reload cannot keep serving with these limits; None if it can."""
+    if limits.standby == 0 and limits.count < 2:
+        return ("a rolling reload needs workers.standby >= 1 or workers.count >= 2"
+                " to keep serving")
+    return None
+
+
 def decide(snapshot: Snapshot, now: float, limits: Limits, memory: Memory) -> list[Action]:
     """The watchdog's actions for this pass.
 
     At most one action per worker.  Kills come first (a stuck request wastes a
     worker whatever else happens), then recycles worst offender first within
-    the concurrency guard, then holds, then stack dumps.  The guard: at most
-    ``max_concurrent`` recycles at once; with standby slots each recycle needs
-    a startable standby slot that is not backing off; without standby a
-    recycle stops a worker first, so at least one other worker must stay ready.
+    the capacity guard (:func:`capacity`), each naming its replacement slot,
+    then holds, then stack dumps.
     """
     acted: set[str] = set()
     kills: list[Action] = []
@@ -314,16 +358,10 @@ def decide(snapshot: Snapshot, now: float, limits: Limits, memory: Memory) -> li
             continue
         candidates.append(Recycle(slot.name, slot.pid, reason, kind, severity, flapping))
 
-    room = limits.max_concurrent - memory.operations
-    if limits.standby > 0:
-        free = [s for s in snapshot.slots if s.startable and s.name not in memory.busy
-                and memory.backoff_until.get(s.name, 0.0) <= now]
-        room = min(room, len(free))
-    else:
-        ready_others = sum(1 for s in snapshot.slots if s.ready and s.name not in memory.busy)
-        room = min(room, ready_others - 1)
     candidates.sort(key=lambda r: (-r.severity, r.slot))
-    recycles: list[Action] = list(candidates[:max(0, room)])
+    room = capacity(snapshot, now, limits, memory)
+    recycles: list[Action] = [replace(r, replacement=room.standby[i] if room.standby else None)
+                              for i, r in enumerate(candidates[:room.recycles])]
     acted.update(r.slot for r in recycles)
 
     dumps: list[Action] = []
@@ -393,5 +431,3 @@ def reconcile(snapshot: Snapshot, now: float, limits: Limits, memory: Memory) ->
     return []
 
 
-_STATE_NAMES = {code: name for name, code in vars(ProcessStates).items()
-                if not name.startswith("_")}

@@ -173,33 +173,6 @@ def upstream_server_line(spec: settings.HostSpec) -> str:
     return line + " backup" if spec.backup else line
 
 
-def check_consistency(dep: Deployment) -> None:
-    """Cross-setting rules that only matter for rendering; raise ConfigError."""
-    if not dep.socket_is_unix and dep.workers.socket_owner:
-        raise ConfigError("%s: workers.socket_owner = %r: only a unix socket has an owner"
-                          % (dep.path, dep.workers.socket_owner))
-    if dep.control.inet_port.startswith("["):
-        raise ConfigError("%s: control.inet_port = %r: supervisord's TCP control port is IPv4 only"
-                          % (dep.path, dep.control.inet_port))
-    if dep.nginx.web_servers and dep.socket_is_unix:
-        raise ConfigError("%s: nginx.web_servers = %r: the allow-list applies to TCP sockets only; "
-                          "a unix socket is guarded by workers.socket_mode"
-                          % (dep.path, dep.nginx.web_servers))
-    # nginx's keepalive cache is per nginx worker process and shared by
-    # every server of the upstream: its idle connections may all end up on
-    # the smallest host, so that host bounds it.
-    counts = [h.count for h in dep.hosts] or [dep.workers.count]
-    threads = min(counts) * dep.workers.threads
-    if dep.nginx.keepalive and dep.nginx.keepalive >= threads:
-        # A kept-alive idle connection pins one worker thread: with as many
-        # idle connections as threads, nginx worker processes that hold none
-        # of them wait in the socket backlog until workers.idle_timeout.
-        raise ConfigError("%s: nginx.keepalive = %d: each idle kept-alive connection pins a worker "
-                          "thread; keep it below %sworkers.count * workers.threads = %d (or 0)"
-                          % (dep.path, dep.nginx.keepalive,
-                             "the smallest host's " if dep.hosts else "", threads))
-
-
 #: The files of each view of a multi-host file (see the module docstring).
 WEB_SERVER_FILES = ("nginx.conf", "nginx-site.conf")
 HOST_FILES = ("supervisord.conf",)
@@ -227,7 +200,6 @@ def render_all(dep: Deployment, host: Host, conf_dir: str) -> dict[str, str]:
     of a ``[[hosts]]`` file: supervisord.conf.  The front view: the nginx
     files and ``<host>/supervisord.conf`` for every host.
     """
-    check_consistency(dep)
     if not dep.multi_host:
         return _render_files(dep, host, conf_dir, FILES)
     if dep.host is not None:
@@ -235,7 +207,6 @@ def render_all(dep: Deployment, host: Host, conf_dir: str) -> dict[str, str]:
     out = _render_files(dep, host, conf_dir, WEB_SERVER_FILES)
     for name in dep.host_names():
         view = dep.for_host(name)
-        check_consistency(view)
         for filename, text in _render_files(view, host, os.path.join(conf_dir, name), HOST_FILES).items():
             out[name + "/" + filename] = text
     return out

@@ -18,6 +18,7 @@ from typing import Any, Callable, Optional
 
 import psutil
 
+from fcgi_toolkit.names import life_key
 from fcgi_toolkit.policy import Limits, SlotSnapshot, Snapshot
 from fcgi_toolkit.scoreboard import Scoreboard, is_live
 
@@ -68,7 +69,7 @@ class Sampler:
         return proc, created
 
     def life_limits(self, pid: int, created: float) -> tuple[int, float]:
-        key = (pid, round(created, 2))
+        key = life_key(pid, created)
         if key not in self.lives:
             lim = self.limits
             max_requests = (lim.max_requests + self.rng.randint(0, lim.max_requests_jitter)

@@ -30,6 +30,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+from fcgi_toolkit.names import same_life
+
 # seq, pid, started, requests, inflight, flags, req_start, req_id,
 # last_duration, rss, rss_time, method, uri
 _FORMAT = struct.Struct("<QqdQIIdQdQd16s152s")
@@ -287,5 +289,4 @@ def is_live(record: SlotRecord, pid: int, create_time: Optional[float]) -> bool:
 
     ``create_time`` is psutil's value for that pid now (None if no such process).
     """
-    return (create_time is not None and record.pid == pid
-            and abs(record.started - create_time) < 0.01)
+    return same_life(record.pid, record.started, pid, create_time)

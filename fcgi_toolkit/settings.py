@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Callable, Mapping, Optional
 
+from fcgi_toolkit import names
 from fcgi_toolkit.converters import (
     name,
     wsgi_ref,
@@ -289,7 +290,7 @@ class Deployment:
         return self.workers.count + self.workers.standby
 
     def slot_names(self) -> list[str]:
-        return ["%s_%02d" % (self.name, i) for i in range(self.slots)]
+        return names.slot_names(self.name, self.slots)
 
     @property
     def runtime_dir(self) -> str:
@@ -355,6 +356,7 @@ class Deployment:
             base_dir=self.base_dir,
             slots=self.slots,
             slot_names=self.slot_names(),
+            slot_process_name=names.SUPERVISOR_SLOT_NAME,
             runtime_dir=self.runtime_dir,
             log_dir=self.log_dir,
             scoreboard_path=self.scoreboard_path,
@@ -459,13 +461,32 @@ def _host_view(front: Deployment, host_name: str, key: str) -> Deployment:
 
 
 def parse(data: Mapping[str, Any], path: str, host: Optional[str] = None) -> Deployment:
-    """Validate already-parsed TOML ``data`` read from ``path``.
+    """Validate already-parsed TOML ``data`` read from ``path``: every setting,
+    then the rules within a section, then the rules across settings
+    (:func:`check_consistency`), for the front view and every host's view.
 
     ``host`` selects one ``[[hosts]]`` entry: the result is that host's view
     (see :class:`Deployment`); None or "" gives the front view.
     """
     path = os.path.abspath(path)
-    base = os.path.dirname(path)
+    values = _convert(data, path)
+    _derive(values, os.path.dirname(path), path)
+    _check_sections(values, path)
+    hosts = _parse_hosts(data.get("hosts"), path, values["workers"]["count"])
+    if hosts:
+        _check_hosts(data, values, hosts, path)
+    dep = Deployment(path=path, hosts=hosts, sections=MappingProxyType(
+        {section: Section(vals) for section, vals in values.items()}))
+    check_consistency(dep)
+    for host_name in dep.host_names():
+        check_consistency(dep.for_host(host_name))
+    if host:
+        return _host_view(dep, host, "host")
+    return dep
+
+
+def _convert(data: Mapping[str, Any], path: str) -> dict[str, dict[str, Any]]:
+    """Every setting of every section converted (defaults included); unknown names refused."""
     values: dict[str, dict[str, Any]] = {section: {} for section in SECTIONS}
     for section, table in data.items():
         if section == "hosts":
@@ -495,8 +516,11 @@ def parse(data: Mapping[str, Any], path: str, host: Optional[str] = None) -> Dep
             # Defaults go through the converter too, so a value has one type
             # whether it was written or defaulted.
             values[setting.section][setting.name] = setting.convert(setting.default)
+    return values
 
-    # Derived defaults and paths made absolute.
+
+def _derive(values: dict[str, dict[str, Any]], base: str, path: str) -> None:
+    """Derived defaults, and paths made absolute (relative to the file's directory)."""
     app, workers, runtime, nginx, recycle = (values[s] for s in ("app", "workers", "runtime", "nginx", "recycle"))
     app["directory"] = _resolve(base, app["directory"])
     app["python"] = app["python"] or sys.executable
@@ -519,6 +543,9 @@ def parse(data: Mapping[str, Any], path: str, host: Optional[str] = None) -> Dep
         except ValueError as exc:
             raise _error(path, key, val, "resolves to an unusable path: %s" % exc) from None
 
+
+def _check_sections(values: dict[str, dict[str, Any]], path: str) -> None:
+    """Rules between settings of one section."""
     control = values["control"]
     if control["inet_port"] and not (control["username"] and control["password"]):
         raise _error(path, "control.inet_port", control["inet_port"],
@@ -527,23 +554,51 @@ def parse(data: Mapping[str, Any], path: str, host: Optional[str] = None) -> Dep
     if limits["max_requests_jitter"] and not limits["max_requests"]:
         raise _error(path, "limits.max_requests_jitter", limits["max_requests_jitter"],
                      "needs limits.max_requests")
-    hosts = _parse_hosts(data.get("hosts"), path, values["workers"]["count"])
-    if hosts:
-        raw_socket = data.get("workers", {}).get("socket", "")
-        if raw_socket:
-            raise _error(path, "workers.socket", raw_socket,
-                         "with [[hosts]] each host's address is its worker socket; remove workers.socket")
-        if not values["nginx"]["web_servers"]:
-            raise _error(path, "nginx.web_servers", [],
-                         "required with [[hosts]]: the IP addresses nginx connects to the workers from")
-        _check_host_control(path, values["control"]["inet_port"], hosts)
-        # The front view has no worker socket of its own.
-        values["workers"]["socket"] = ""
-    dep = Deployment(path=path, hosts=hosts, sections=MappingProxyType(
-        {section: Section(vals) for section, vals in values.items()}))
-    if host:
-        return _host_view(dep, host, "host")
-    return dep
+
+
+def _check_hosts(data: Mapping[str, Any], values: dict[str, dict[str, Any]], hosts: tuple,
+                 path: str) -> None:
+    """Rules of a ``[[hosts]]`` file."""
+    raw_socket = data.get("workers", {}).get("socket", "")
+    if raw_socket:
+        raise _error(path, "workers.socket", raw_socket,
+                     "with [[hosts]] each host's address is its worker socket; remove workers.socket")
+    if not values["nginx"]["web_servers"]:
+        raise _error(path, "nginx.web_servers", [],
+                     "required with [[hosts]]: the IP addresses nginx connects to the workers from")
+    _check_host_control(path, values["control"]["inet_port"], hosts)
+    # The front view has no worker socket of its own.
+    values["workers"]["socket"] = ""
+
+
+def check_consistency(dep: Deployment) -> None:
+    """Rules across settings (of one view: the front or a host); raise ConfigError.
+
+    :func:`parse` runs them for every view, so every command, the worker and
+    the listener refuse the same files that ``render`` does."""
+    if not dep.socket_is_unix and dep.workers.socket_owner:
+        raise ConfigError("%s: workers.socket_owner = %r: only a unix socket has an owner"
+                          % (dep.path, dep.workers.socket_owner))
+    if dep.control.inet_port.startswith("["):
+        raise ConfigError("%s: control.inet_port = %r: supervisord's TCP control port is IPv4 only"
+                          % (dep.path, dep.control.inet_port))
+    if dep.nginx.web_servers and dep.socket_is_unix:
+        raise ConfigError("%s: nginx.web_servers = %r: the allow-list applies to TCP sockets only; "
+                          "a unix socket is guarded by workers.socket_mode"
+                          % (dep.path, dep.nginx.web_servers))
+    # nginx's keepalive cache is per nginx worker process and shared by
+    # every server of the upstream: its idle connections may all end up on
+    # the smallest host, so that host bounds it.
+    counts = [h.count for h in dep.hosts] or [dep.workers.count]
+    threads = min(counts) * dep.workers.threads
+    if dep.nginx.keepalive and dep.nginx.keepalive >= threads:
+        # A kept-alive idle connection pins one worker thread: with as many
+        # idle connections as threads, nginx worker processes that hold none
+        # of them wait in the socket backlog until workers.idle_timeout.
+        raise ConfigError("%s: nginx.keepalive = %d: each idle kept-alive connection pins a worker "
+                          "thread; keep it below %sworkers.count * workers.threads = %d (or 0)"
+                          % (dep.path, dep.nginx.keepalive,
+                             "the smallest host's " if dep.hosts else "", threads))
 
 
 def load(path: str, host: Optional[str] = None) -> Deployment:

@@ -15,7 +15,8 @@ State file (``Deployment.state_path``, JSON, replaced atomically)::
                                    "old_pid": 123, "new_pid": 0, "reason": "...", "kind": "rss",
                                    "origin": "watchdog" | "operator" | "reload",
                                    "request": null | ID, "flapping": false,
-                                   "began": EPOCH, "start_issued": EPOCH, "log_offset": 0}},
+                                   "began": EPOCH, "start_issued": EPOCH,
+                                   "took": null | SECONDS}},
      "reload": null | {"request": null | ID, "origin": "operator" | "watch",
                        "old_pids": {"wiki_00": 123, ...}, "began": EPOCH, "replaced": 0},
      "flap_level": 0}
@@ -33,7 +34,12 @@ import logging
 import os
 import time
 import uuid
-from typing import Any, Optional
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Mapping, Optional, Sequence, Union
+
+from fcgi_toolkit.names import life_key
+from fcgi_toolkit.policy import backoff_delay
+from fcgi_toolkit.recycle import Operation, Reload
 
 log = logging.getLogger(__name__)
 
@@ -51,15 +57,16 @@ def write_json_atomic(path: str, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def read_json(path: str) -> Optional[Any]:
-    """The JSON in ``path``, or None if it is missing or unreadable."""
+def read_json(path: str, quiet: bool = False) -> Optional[Any]:
+    """The JSON in ``path``, or None if it is missing or unreadable (logged unless ``quiet``)."""
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as exc:
-        log.warning("ignoring unreadable %s: %s", path, exc)
+        if not quiet:
+            log.warning("ignoring unreadable %s: %s", path, exc)
         return None
 
 
@@ -67,41 +74,167 @@ def read_json(path: str) -> Optional[Any]:
 # State
 # --------------------------------------------------------------------------
 
-def empty_state() -> dict:
-    return {"version": VERSION, "slots": {}, "recycle": None, "reload": None, "flap_level": 0}
+@dataclass(frozen=True)
+class Life:
+    """The limits drawn for one worker life (jitter included), kept across listener restarts."""
+    pid: int
+    created: float
+    max_requests: int
+    max_age: float
+
+    @property
+    def key(self) -> tuple[int, float]:
+        return life_key(self.pid, self.created)
 
 
-def new_slot_state() -> dict:
-    return {"recycles": 0, "last_reason": "", "last_time": 0.0, "by_reason": {},
-            "flapping": False, "backoff_until": 0.0, "fails": 0, "life": None}
+@dataclass(frozen=True)
+class SlotHistory:
+    """What the watchdog remembers about one slot (the state file's "slots" record)."""
+    recycles: int = 0
+    last_reason: str = ""
+    last_time: float = 0.0
+    by_reason: Mapping[str, int] = field(default_factory=dict)
+    flapping: bool = False
+    backoff_until: float = 0.0
+    fails: int = 0                   # consecutive failed starts of this slot
+    life: Optional[Life] = None
+
+    def counted(self, kind: str, reason: str, now: float) -> "SlotHistory":
+        """This history with one more recycle of ``kind``."""
+        by_reason = dict(self.by_reason)
+        by_reason[kind] = by_reason.get(kind, 0) + 1
+        return replace(self, recycles=self.recycles + 1, last_reason=reason, last_time=now,
+                       by_reason=by_reason)
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["by_reason"] = dict(self.by_reason)
+        return data
+
+    @classmethod
+    def from_json(cls, data: Any) -> "SlotHistory":
+        """A slot record; a malformed one (or a malformed field) reads as fresh."""
+        if not isinstance(data, dict):
+            return cls()
+        fresh, values = cls(), {}
+        for key, convert in (("recycles", int), ("last_reason", str), ("last_time", float),
+                             ("flapping", bool), ("backoff_until", float), ("fails", int)):
+            try:
+                values[key] = convert(data.get(key, getattr(fresh, key)))
+            except (TypeError, ValueError):
+                pass
+        by_reason = data.get("by_reason")
+        if isinstance(by_reason, dict):
+            values["by_reason"] = {str(k): int(v) for k, v in by_reason.items()
+                                   if isinstance(v, int)}
+        life = data.get("life")
+        if isinstance(life, dict) and life.get("pid"):
+            try:
+                values["life"] = Life(int(life["pid"]), float(life["created"]),
+                                      int(life["max_requests"]), float(life["max_age"]))
+            except (KeyError, TypeError, ValueError):
+                pass
+        return cls(**values)
 
 
-def load_state(path: str) -> dict:
+@dataclass
+class State:
+    """The whole state file, typed: the coordinator's one working copy.
+
+    Mutable on purpose (one owner, saved after every change); its parts
+    (:class:`SlotHistory`, :class:`~fcgi_toolkit.recycle.Operation`,
+    :class:`~fcgi_toolkit.recycle.Reload`) are frozen values replaced whole.
+    """
+    slots: dict[str, SlotHistory] = field(default_factory=dict)
+    recycle: dict[str, Operation] = field(default_factory=dict)     # offender -> operation
+    reload: Optional[Reload] = None
+    flap_level: int = 0
+
+    def slot(self, name: str) -> SlotHistory:
+        return self.slots.get(name) or SlotHistory()
+
+    def update_slot(self, name: str, **changes: Any) -> SlotHistory:
+        self.slots[name] = replace(self.slot(name), **changes)
+        return self.slots[name]
+
+    def backoff(self, name: str, now: float) -> SlotHistory:
+        """One more failed start of slot ``name``: it backs off exponentially."""
+        fails = self.slot(name).fails + 1
+        return self.update_slot(name, fails=fails, backoff_until=now + backoff_delay(fails))
+
+    def count(self, name: str, kind: str, reason: str, now: float) -> None:
+        """One more recycle of slot ``name``'s worker."""
+        self.slots[name] = self.slot(name).counted(kind, reason, now)
+
+    def flap(self, names: Sequence[str], now: float) -> float:
+        """A flapping recycle: every one in a row backs ``names`` off longer; returns until when."""
+        self.flap_level += 1
+        until = now + backoff_delay(self.flap_level)
+        for name in names:
+            self.update_slot(name, backoff_until=until)
+        return until
+
+    def fresh_start(self) -> None:
+        """Forget every backoff and flap (new code may cure what caused them)."""
+        self.flap_level = 0
+        for name in self.slots:
+            self.update_slot(name, backoff_until=0.0, fails=0)
+
+    def busy(self) -> frozenset:
+        """Slots in a recycle: offenders and replacements."""
+        return frozenset(name for op in self.recycle.values()
+                         for name in (op.offender, op.replacement) if name)
+
+    def to_json(self) -> dict:
+        return {"version": VERSION,
+                "slots": {n: h.to_json() for n, h in sorted(self.slots.items())},
+                "recycle": {o: op.to_json() for o, op in sorted(self.recycle.items())} or None,
+                "reload": self.reload.to_json() if self.reload else None,
+                "flap_level": self.flap_level}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any], where: str = "state") -> "State":
+        state = cls(flap_level=int(data.get("flap_level") or 0))
+        slots = data.get("slots")
+        for name, record in (slots.items() if isinstance(slots, dict) else ()):
+            state.slots[str(name)] = SlotHistory.from_json(record)
+        recycle = data.get("recycle")
+        for offender, record in (recycle.items() if isinstance(recycle, dict) else ()):
+            try:
+                state.recycle[str(offender)] = Operation.from_json(record)
+            except (KeyError, TypeError, ValueError) as exc:
+                log.warning("%s: dropping unreadable recycle of %s: %r (%s)", where, offender,
+                            record, exc)
+        if isinstance(data.get("reload"), dict):
+            try:
+                state.reload = Reload.from_json(data["reload"])
+            except (KeyError, TypeError, ValueError) as exc:
+                log.warning("%s: dropping unreadable reload %r (%s)", where, data["reload"], exc)
+        return state
+
+
+def read_state(path: str) -> dict:
+    """The state file as plain JSON data; {} if it is missing, unreadable or of
+    another version (the watchdog has not written it yet).  For readers that
+    show it as it is (``status``); the watchdog uses :func:`load_state`."""
+    data = read_json(path, quiet=True)
+    if not isinstance(data, dict) or data.get("version") != VERSION:
+        return {}
+    return data
+
+
+def load_state(path: str) -> State:
     """The state in ``path``; an empty state if it is missing, unreadable or of another version."""
     data = read_json(path)
     if not isinstance(data, dict) or data.get("version") != VERSION:
         if data is not None:
             log.warning("state file %s has an unknown layout; starting afresh", path)
-        return empty_state()
-    state = empty_state()
-    state.update(data)
-    if not isinstance(state.get("slots"), dict):
-        state["slots"] = {}
-    for name, slot in list(state["slots"].items()):
-        merged = new_slot_state()
-        if isinstance(slot, dict):
-            merged.update(slot)
-        state["slots"][name] = merged
-    return state
+        return State()
+    return State.from_json(data, path)
 
 
-def save_state(path: str, state: dict) -> None:
-    write_json_atomic(path, state)
-
-
-def slot_state(state: dict, name: str) -> dict:
-    """The record of slot ``name`` in ``state``, created on first use."""
-    return state["slots"].setdefault(name, new_slot_state())
+def save_state(path: str, state: Union[State, dict]) -> None:
+    write_json_atomic(path, state.to_json() if isinstance(state, State) else state)
 
 
 # --------------------------------------------------------------------------

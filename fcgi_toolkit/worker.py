@@ -31,6 +31,7 @@ import traceback
 from typing import Callable
 
 from fcgi_toolkit import settings
+from fcgi_toolkit.names import slot_name
 
 log = logging.getLogger("fcgi_toolkit.worker")
 
@@ -107,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
         print("fcgi-toolkit worker: --slot %d outside 0..%d" % (args.slot, dep.slots - 1),
               file=sys.stderr)
         return EXIT_CONFIG
-    configure_logging("%s_%02d" % (dep.app.name, args.slot))
+    configure_logging(slot_name(dep.app.name, args.slot))
     faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
     # A stop signal during the app import must not kill us mid-way: remember it.
     early_stop: list = []

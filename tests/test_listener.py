@@ -14,14 +14,15 @@ import random
 import xmlrpc.client
 
 import pytest
-from supervisor.states import ProcessStates as PS
+from supervisor.states import ProcessStates as PS, SupervisorStates
 from supervisor.xmlrpc import Faults
 
 from fcgi_toolkit import settings, statefile
-from fcgi_toolkit.coordinator import Coordinator, worker_error
+from fcgi_toolkit.coordinator import Coordinator
 from fcgi_toolkit.listener import EventStream, Listener
 from fcgi_toolkit.policy import Limits
 from fcgi_toolkit.sampler import Sampler
+from fcgi_toolkit.supervisord import worker_error
 from fcgi_toolkit.scoreboard import SlotRecord
 
 MB = 1024 * 1024
@@ -56,6 +57,7 @@ class FakeSupervisor:
         self.logs: dict[str, str] = {}
         self.next_pid = 1000
         self.default_rss = 20 * MB
+        self.supervisor_state = SupervisorStates.RUNNING
 
     def _name(self, spec):
         group, _, name = spec.partition(":")
@@ -69,6 +71,11 @@ class FakeSupervisor:
         self.calls.append(("getAllProcessInfo",))
         self.step()
         return [dict(p) for p in self.procs.values()]
+
+    def getState(self):
+        return {"statecode": self.supervisor_state,
+                "statename": {1: "RUNNING", -1: "SHUTDOWN", 0: "RESTARTING"}.get(
+                    self.supervisor_state, "?")}
 
     def startProcess(self, spec, wait=True):
         self.calls.append(("startProcess", spec, wait))
@@ -224,7 +231,7 @@ class World:
             self.clock.advance(every)
 
     def state(self):
-        return statefile.load_state(self.dep.state_path)
+        return statefile.read_state(self.dep.state_path)
 
     def started(self):
         """Bring the group up: count workers running and ready."""
@@ -613,3 +620,49 @@ def test_no_fast_poll_without_max_rss(tmp_path):
     w.started()
     w.sup.board[0] = _replace(w.sup.board[0], rss=10_000 * MB, rss_time=w.clock())
     assert w.co.poll_interval() == 0.0 and w.co.urgent() is False
+
+
+# --------------------------------------------------------------------------
+# supervisord shutting down: the watchdog stands by quietly
+# --------------------------------------------------------------------------
+
+def test_at_supervisord_shutdown_no_recycle_begins_and_nothing_is_logged_as_error(tmp_path,
+                                                                                  caplog):
+    caplog.set_level(logging.INFO, "fcgi_toolkit.watchdog")
+    w = World(tmp_path, limits={"max_rss": "100MB"})
+    w.started()
+    w.clock.advance(60)
+    w.sup.rss[w.sup.running()["wiki_00"]] = 150 * MB        # over the limit
+    w.sup.supervisor_state = SupervisorStates.SHUTDOWN
+    w.passes(4)
+    assert w.sup.named_calls("startProcess") == [] and w.sup.named_calls("stopProcess") == []
+    assert w.state()["recycle"] is None
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert sum("shutting down" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_a_shutdown_fault_mid_recycle_is_not_a_failed_replacement(tmp_path, caplog):
+    caplog.set_level(logging.INFO, "fcgi_toolkit.watchdog")
+    w = World(tmp_path, limits={"max_rss": "100MB"})
+    w.started()
+    w.clock.advance(60)
+    w.sup.rss[w.sup.running()["wiki_00"]] = 150 * MB
+
+    def refuse(spec, wait=True):
+        # getState may still say RUNNING when the shutdown begins between the two calls.
+        w.sup.calls.append(("startProcess", spec, wait))
+        raise xmlrpc.client.Fault(Faults.SHUTDOWN_STATE, "SHUTDOWN_STATE")
+
+    w.sup.startProcess = refuse
+    w.co.run_pass()
+    w.sup.supervisor_state = SupervisorStates.SHUTDOWN
+    w.passes(3)
+    assert w.sup.named_calls("startProcess") == [("startProcess", "wiki:wiki_02", False)]
+    assert w.sup.named_calls("stopProcess") == []
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert errors == [] and not any("replacement failed" in r.getMessage()
+                                    for r in caplog.records)
+    st = w.state()
+    assert st["slots"]["wiki_02"]["backoff_until"] == 0.0 and st["slots"]["wiki_02"]["fails"] == 0
+    # The recycle stays in the state file: a listener started by the next supervisord resumes it.
+    assert st["recycle"]["wiki_00"]["phase"] == "starting"

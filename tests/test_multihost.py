@@ -313,18 +313,16 @@ def test_tcp_single_host_gets_the_allow_list(tmp_path):
     assert "FCGI_WEB_SERVER_ADDRS=" not in text and "EMPTY HERE" in text
     # On a unix socket the list would do nothing: refused rather than ignored.
     raw = {"app": {"name": "wiki", "wsgi": "a:b"}, "nginx": {"web_servers": ["127.0.0.1"]}}
-    dep = settings.parse(raw, str(tmp_path / "deploy.toml"))
-    with pytest.raises(ConfigError) as info:
-        render.render_all(dep, USER_HOST, dep.runtime_dir)
+    with pytest.raises(ConfigError) as info:          # settings.parse refuses it
+        settings.parse(raw, str(tmp_path / "deploy.toml"))
     assert "nginx.web_servers" in str(info.value) and "TCP sockets only" in str(info.value)
 
 
 def test_keepalive_bounded_by_the_smallest_host(tmp_path):
     hosts = [{"name": "big", "address": "127.0.0.2:9000", "count": 8},
              {"name": "small", "address": "127.0.0.3:9000", "count": 1}]
-    dep = parse(tmp_path, hosts=hosts, workers={"threads": 4}, nginx={"keepalive": 4})
-    with pytest.raises(ConfigError) as info:
-        render.render_all(dep, USER_HOST, dep.runtime_dir)
+    with pytest.raises(ConfigError) as info:          # settings.parse refuses it
+        parse(tmp_path, hosts=hosts, workers={"threads": 4}, nginx={"keepalive": 4})
     assert "nginx.keepalive = 4" in str(info.value) and "smallest host" in str(info.value)
     dep = parse(tmp_path, hosts=hosts, workers={"threads": 4}, nginx={"keepalive": 3})
     site = render.render_all(dep, USER_HOST, dep.runtime_dir)["nginx-site.conf"]

@@ -5,7 +5,7 @@ import random
 
 from supervisor.states import ProcessStates
 
-from fcgi_toolkit import policy
+from fcgi_toolkit import names, policy
 from fcgi_toolkit.policy import (DumpStacks, Hold, Kill, Limits, Memory, Recycle, SlotSnapshot,
                                  Snapshot, Start, Stop)
 from fcgi_toolkit.sampler import Sampler
@@ -51,7 +51,8 @@ def test_nothing_to_do_when_every_worker_is_within_limits():
 def test_rss_over_limit_recycles_with_a_readable_reason():
     s = snap(worker(0, rss=301 * MB), worker(1), stopped(2))
     [action] = policy.decide(s, NOW, LIMITS, Memory())
-    assert action == Recycle("wiki_00", 100, "rss 301MB > 256MB", "rss", 301 / 256, False)
+    assert action == Recycle("wiki_00", 100, "rss 301MB > 256MB", "rss", 301 / 256, False,
+                             replacement="wiki_02")
 
 
 def test_worst_offender_first_and_concurrency_cap():
@@ -197,12 +198,12 @@ def test_reconcile_stops_extra_highest_first_and_waits_for_operations():
 
 
 def test_formatting():
-    assert policy.format_size(301 * MB) == "301MB"
-    assert policy.format_size(int(80.5 * MB)) == "80.5MB"
-    assert policy.format_duration(45) == "45s"
-    assert policy.format_duration(185) == "3m05s"
-    assert policy.format_duration(6 * 3600) == "6h"
-    assert policy.format_duration(6 * 3600 + 125) == "6h02m"
+    assert names.format_size(301 * MB) == "301MB"
+    assert names.format_size(int(80.5 * MB)) == "80.5MB"
+    assert names.format_duration(45) == "45s"
+    assert names.format_duration(185) == "3m05s"
+    assert names.format_duration(6 * 3600) == "6h"
+    assert names.format_duration(6 * 3600 + 125) == "6h02m"
 
 
 class _Proc:
@@ -266,7 +267,7 @@ def test_the_newer_of_sample_and_publication_decides():
     older = published(sampled, 300 * MB, NOW - 2)
     assert newer.latest_rss == 300 * MB and older.latest_rss == 100 * MB
     assert policy.decide(snap(newer, worker(1), stopped(2)), NOW, LIMITS, Memory()) == [
-        Recycle("wiki_00", 100, "rss 300MB > 256MB", "rss", 300 / 256)]
+        Recycle("wiki_00", 100, "rss 300MB > 256MB", "rss", 300 / 256, replacement="wiki_02")]
     assert policy.decide(snap(older, worker(1), stopped(2)), NOW, LIMITS, Memory()) == []
     # A worker whose sample failed (rss 0, no time) is judged by what it published.
     unsampled = published(worker(0, rss=0), 300 * MB, NOW - 5)
@@ -303,3 +304,45 @@ def test_no_rss_alarm_when_the_timer_passes_already_handle_it_or_it_is_not_trust
     reused = SlotRecord(**dict(over.record.__dict__, started=NOW - 5))
     assert alarm_case(over, records={"wiki_00": reused}) == []
     assert alarm_case(over, records={}) == []
+
+
+# -- the capacity guard: one place, the action names its replacement ------------
+
+def test_two_recycles_at_once_get_distinct_standby_slots_lowest_first():
+    limits = Limits(count=2, standby=2, max_rss=256 * MB, max_concurrent=2)
+    s = snap(worker(0, rss=300 * MB), worker(1, rss=400 * MB), stopped(3), stopped(2))
+    actions = policy.decide(s, NOW, limits, Memory())
+    assert [(a.slot, a.replacement) for a in actions] == [("wiki_01", "wiki_02"),
+                                                          ("wiki_00", "wiki_03")]
+
+
+def test_capacity_says_why_no_recycle_may_begin():
+    s = snap(worker(0), worker(1), stopped(2))
+    assert policy.capacity(s, NOW, LIMITS, Memory()) == policy.Room(1, ("wiki_02",))
+    busy = Memory(busy=frozenset({"wiki_00", "wiki_02"}), operations=1)
+    assert "recycle.max_concurrent = 1" in policy.capacity(s, NOW, LIMITS, busy).why
+    backing_off = Memory(backoff_until={"wiki_02": NOW + 5})
+    assert policy.capacity(s, NOW, LIMITS, backing_off).why.startswith("no standby slot is free")
+    no_standby = Limits(count=2, standby=0, max_concurrent=1)
+    assert policy.capacity(snap(worker(0), worker(1)), NOW, no_standby, Memory()).recycles == 1
+    alone = policy.capacity(snap(worker(0)), NOW, no_standby, Memory(), offender="wiki_00")
+    assert alone.recycles == 0 and "no other worker is ready" in alone.why
+
+
+def test_admit_answers_operator_and_reload_steps_with_the_same_guard():
+    s = snap(worker(0), worker(1), stopped(2))
+    assert policy.admit(s, NOW, LIMITS, Memory(), "wiki_01", "operator request",
+                        "operator") == Recycle("wiki_01", 101, "operator request", "operator",
+                                               1.0, replacement="wiki_02")
+    waiting = policy.admit(s, NOW, LIMITS, Memory(operations=1, busy=frozenset({"wiki_00"})),
+                           "wiki_01", "reload", "reload")
+    assert isinstance(waiting, policy.Wait) and "already in progress" in waiting.why
+    no_standby = Limits(count=2, standby=0, max_concurrent=1)
+    assert policy.admit(snap(worker(0), worker(1)), NOW, no_standby, Memory(), "wiki_00",
+                        "reload", "reload").replacement is None
+
+
+def test_a_reload_needs_a_standby_or_a_second_worker():
+    assert policy.reload_refusal(Limits(count=1, standby=0)).startswith("a rolling reload needs")
+    assert policy.reload_refusal(Limits(count=1, standby=1)) is None
+    assert policy.reload_refusal(Limits(count=2, standby=0)) is None

@@ -133,22 +133,20 @@ def test_tcp_socket(tmp_path):
 
 
 def test_tcp_socket_with_owner_is_refused(tmp_path):
-    dep = deployment(tmp_path, workers={"socket": "tcp://127.0.0.1:9009", "socket_owner": "www-data"})
+    # Refused by settings.parse (so by every command, the worker and the listener too).
     with pytest.raises(ConfigError, match="workers.socket_owner"):
-        render.render_all(dep, USER_HOST, dep.runtime_dir)
+        deployment(tmp_path, workers={"socket": "tcp://127.0.0.1:9009", "socket_owner": "www-data"})
 
 
 def test_ipv6_control_port_is_refused(tmp_path):
     # supervisor's inet_http_server binds AF_INET only.
-    dep = deployment(tmp_path, control={"inet_port": "[::1]:9001", "username": "a", "password": "b"})
     with pytest.raises(ConfigError, match="control.inet_port"):
-        render.render_all(dep, USER_HOST, dep.runtime_dir)
+        deployment(tmp_path, control={"inet_port": "[::1]:9001", "username": "a", "password": "b"})
 
 
 def test_keepalive_needs_spare_threads(tmp_path):
-    dep = deployment(tmp_path, nginx={"keepalive": 2}, workers={"count": 2, "threads": 1})
     with pytest.raises(ConfigError, match="nginx.keepalive = 2"):
-        render.render_all(dep, USER_HOST, dep.runtime_dir)
+        deployment(tmp_path, nginx={"keepalive": 2}, workers={"count": 2, "threads": 1})
     dep, files = rendered(tmp_path, nginx={"keepalive": 2}, workers={"count": 2, "threads": 4})
     site = files["nginx-site.conf"]
     assert "keepalive 2;" in site and "fastcgi_keep_conn on;" in site

@@ -207,3 +207,14 @@ def test_runtime_dir_resolving_to_unsafe_path_is_refused(tmp_path):
     with pytest.raises(ConfigError) as info:
         settings.load(write(odd, MINIMAL))
     assert "runtime.dir" in str(info.value) or "app.directory" in str(info.value)
+
+
+def test_cross_setting_rules_run_in_load_for_every_command(tmp_path):
+    """The rules across settings are part of settings.load, which every command,
+    the worker and the listener call (not only render)."""
+    message = load_error(tmp_path, MINIMAL + '[workers]\ncount = 2\nthreads = 1\n'
+                                             '[nginx]\nkeepalive = 2\n')
+    assert "nginx.keepalive = 2" in message
+    message = load_error(tmp_path, MINIMAL + '[workers]\nsocket = "tcp://127.0.0.1:9009"\n'
+                                             'socket_owner = "www-data"\n')
+    assert "workers.socket_owner = 'www-data'" in message

@@ -13,9 +13,9 @@ from supervisor.states import ProcessStates
 from fcgi_toolkit import scoreboard, settings, status
 from fcgi_toolkit.scoreboard import SlotRecord, SlotWriter
 from fcgi_toolkit.policy import SlotSnapshot
-from fcgi_toolkit.status import (GroupStatus, Inflight, WorkerView, derive_state, format_bytes,
-                                 format_duration, format_table, group_status, to_json,
-                                 worker_view)
+from fcgi_toolkit.names import format_duration, format_size
+from fcgi_toolkit.status import (GroupStatus, Inflight, WorkerView, derive_state, format_table,
+                                 group_status, to_json, worker_view)
 
 NOW = 1_800_000_000.0
 MB = 1024 * 1024
@@ -146,13 +146,13 @@ def test_group_status_slot_unknown_to_supervisord():
 @pytest.mark.parametrize("value,text", [
     (None, "-"), (0, "0KB"), (512 * 1024, "512KB"), (301 * MB, "301MB"),
     (int(2.5 * 1024 * MB), "2.5GB")])
-def test_format_bytes(value, text):
-    assert format_bytes(value) == text
+def test_format_size(value, text):
+    assert format_size(value) == text
 
 
 @pytest.mark.parametrize("value,text", [
-    (None, "-"), (2.14, "2.1s"), (45, "45s"), (185, "3m05s"), (6 * 3600 + 125, "6h02m"),
-    (2 * 86400 + 4 * 3600 + 59, "2d04h")])
+    (None, "-"), (2.14, "2s"), (45, "45s"), (180, "3m"), (185, "3m05s"), (6 * 3600, "6h"),
+    (6 * 3600 + 125, "6h02m"), (2 * 86400 + 4 * 3600 + 59, "2d04h"), (2 * 86400, "2d")])
 def test_format_duration(value, text):
     assert format_duration(value) == text
 
@@ -181,14 +181,14 @@ def test_format_table():
     assert lines[0].split() == ["WORKER", "STATE", "PID", "RSS", "REQS", "AGE", "RECYCLES",
                                 "LAST", "REASON", "IN", "FLIGHT"]
     assert lines[1].split() == ["wiki_00", "busy", "4242", "31MB", "17", "1m13s", "1",
-                                "requests", "1043", ">=", "1021", "GET", "/slow?s=5", "(2.1s)"]
+                                "requests", "1043", ">=", "1021", "GET", "/slow?s=5", "(2s)"]
     assert lines[2].split() == ["wiki_01", "ready", "4243", "30MB", "3", "2h01m", "0", "-", "-"]
     assert lines[3].split() == ["wiki_02", "standby", "-", "-", "-", "-", "0", "-", "-"]
     # Columns line up: every row's STATE starts where the header's does.
     col = lines[0].index("STATE")
     assert all(line[col - 2:col] == "  " and line[col] != " " for line in lines[1:4])
     assert lines[4] == ("wiki: 2/2 workers ready, 1 standby, 1 recycle "
-                        "(last 2m00s ago: wiki_00 requests 1043 >= 1021)")
+                        "(last 2m ago: wiki_00 requests 1043 >= 1021)")
 
 
 def test_summary_mentions_work_in_progress():
@@ -479,7 +479,7 @@ def test_gather_hosts_one_host_down(tmp_path):
     assert lines[1].split() == ["web1", "wiki_00", "running", "100", "30s"]
     assert lines[3].split() == ["web1", "wiki_02", "standby", "-", "-"]
     assert lines[4].split()[:5] == ["web2", "-", "down", "-", "-"] and "connection refused" in lines[4]
-    assert lines[5].split() == ["spare", "wiki_00", "running", "300", "5.0s", "backup", "host"]
+    assert lines[5].split() == ["spare", "wiki_00", "running", "300", "5s", "backup", "host"]
     assert lines[7] == "wiki: 3 hosts, 2 up, 1 down (web2); 3/4 workers running"
     assert lines[8] == status.REMOTE_NOTE and "FCGI_TOOLKIT_HOST=NAME" in lines[8]
 

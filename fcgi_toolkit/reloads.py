@@ -1,0 +1,80 @@
+"""The rolling reload: replace every worker, one recycle at a time, capacity held.
+
+Begun by an operator request or a watched file (:mod:`fcgi_toolkit.triggers`).
+Each step asks the policy's capacity guard (:func:`fcgi_toolkit.policy.admit`)
+for the next old worker and hands the recycle to the coordinator's one
+``begin``; the reload ends when no worker alive at its start is left, or
+stops when a replacement fails or no step was possible for
+recycle.ready_timeout.  Its progress is the state file's "reload" record.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+from fcgi_toolkit import policy, recycle, statefile
+from fcgi_toolkit.names import format_duration
+from fcgi_toolkit.policy import Snapshot, Wait
+
+log = logging.getLogger("fcgi_toolkit.watchdog")
+
+
+class RollingReload:
+    """The reload steps of one coordinator (its state, recall and ``begin``)."""
+
+    def __init__(self, coordinator: Any):
+        self.co = coordinator
+
+    def begin(self, snap: Snapshot, now: float, origin: str,
+              request: Optional[str] = None) -> None:
+        refusal = policy.reload_refusal(self.co.limits)
+        if refusal:
+            log.error("reload refused: %s", refusal)
+            if request:
+                statefile.answer(self.co.runtime_dir, request, False, refusal)
+            return
+        old = {s.name: s.pid for s in snap.slots if s.active and s.pid}
+        self.co.state.reload = recycle.Reload(origin, old, now, request)
+        self.co.state.fresh_start()        # new code may cure what made slots back off or flap
+        self.co.recall.reload_stalled_since = None
+        log.info("rolling reload begins (%s): %d workers to replace", origin, len(old))
+        self.co.save()
+        self.advance(snap, now)
+
+    def advance(self, snap: Snapshot, now: float) -> None:
+        reload = self.co.state.reload
+        if reload is None or any(op.origin == "reload" for op in self.co.state.recycle.values()):
+            return
+        remaining = recycle.reload_remaining(reload, snap)
+        if not remaining:
+            return self.end(True, "reloaded %d workers in %.1fs" % (
+                reload.replaced, now - reload.began))
+        busy = self.co.state.busy()
+        target = next((s for s in remaining if s.name not in busy), None)
+        decision = (policy.admit(snap, now, self.co.limits, self.co.memory(), target.name,
+                                 "reload", "reload")
+                    if target else Wait("", "every old worker is being replaced"))
+        if isinstance(decision, Wait):
+            since = self.co.recall.reload_stalled_since
+            if since is None:
+                self.co.recall.reload_stalled_since = now
+            elif now - since > self.co.ready_timeout:
+                self.end(False, "reload stopped: no progress for %s: %s" % (
+                    format_duration(now - since), decision.why))
+            return
+        self.co.recall.reload_stalled_since = None
+        self.co.begin(decision, snap, now, "reload")
+
+    def end(self, ok: bool, message: str) -> None:
+        reload = self.co.state.reload
+        if reload is None:
+            return
+        self.co.state.reload = None
+        if ok:
+            log.info("rolling reload done: %s", message)
+        else:
+            log.error("rolling reload stopped; the remaining old workers keep serving: %s",
+                      message)
+        if reload.request:
+            statefile.answer(self.co.runtime_dir, reload.request, ok, message)
+        self.co.save()

@@ -1,0 +1,147 @@
+"""``status``'s output: the human tables and the documented JSON objects.
+
+Sizes and durations are printed by :mod:`fcgi_toolkit.names`, as in the
+watchdog's reasons and log lines.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+from fcgi_toolkit.names import format_duration, format_size
+from fcgi_toolkit.status_hosts import DeploymentStatus
+from fcgi_toolkit.status_local import GroupStatus, WorkerView
+
+
+def summary_line(status: GroupStatus) -> str:
+    standby = sum(1 for w in status.workers if w.state == "standby")
+    parts = ["%s: %d/%d workers ready" % (status.group, status.ready, status.count),
+             "%d standby" % standby,
+             "%d recycle%s" % (status.recycles, "" if status.recycles == 1 else "s")]
+    last = max((w for w in status.workers if w.last_recycle_time),
+               key=lambda w: w.last_recycle_time or 0.0, default=None)
+    if last is not None:
+        parts[-1] += " (last %s ago: %s %s)" % (
+            format_duration(status.generated_at - (last.last_recycle_time or 0.0)),
+            last.name, last.last_reason or "")
+    line = ", ".join(parts)
+    if status.reload:
+        line += "; reload in progress"
+    elif status.recycle:
+        # The state file keeps one entry per offender being replaced.
+        moves = ["%s -> %s" % (offender, entry.get("replacement") or "?")
+                 if isinstance(entry, Mapping) else offender
+                 for offender, entry in sorted(status.recycle.items())]
+        line += "; recycle in progress (%s)" % ", ".join(moves)
+    return line
+
+
+_COLUMNS = ("WORKER", "STATE", "PID", "RSS", "REQS", "AGE", "RECYCLES", "LAST REASON", "IN FLIGHT")
+
+
+def format_table(status: GroupStatus) -> str:
+    """The human table: a row per slot, then the summary line."""
+    rows = [_COLUMNS]
+    for w in status.workers:
+        inflight = ("%s %s (%s)" % (w.inflight.method, w.inflight.uri,
+                                    format_duration(w.inflight.seconds))
+                    if w.inflight else "-")
+        rows.append((w.name, w.state, str(w.pid) if w.pid else "-", format_size(w.rss_bytes),
+                     "-" if w.requests is None else str(w.requests),
+                     format_duration(w.age_seconds),
+                     "-" if w.recycles is None else str(w.recycles),
+                     w.last_reason or "-", inflight))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(_COLUMNS) - 1)]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(r, widths)) + "  " + r[-1]
+             for r in rows]
+    return "\n".join(line.rstrip() for line in lines) + "\n" + summary_line(status) + "\n"
+
+
+def to_json(status: GroupStatus) -> dict:
+    """The documented ``status --json`` object (see the module docstring)."""
+    return {
+        "group": status.group,
+        "count": status.count,
+        "standby": status.standby,
+        "ready": status.ready,
+        "recycles": status.recycles,
+        "generated_at": status.generated_at,
+        "workers": [_worker_json(w) for w in status.workers],
+    }
+
+
+def _worker_json(w: WorkerView) -> dict:
+    return {
+        "name": w.name,
+        "state": w.state,
+        "supervisor_state": w.supervisor_state,
+        "pid": w.pid,
+        "rss_bytes": w.rss_bytes,
+        "requests": w.requests,
+        "age_seconds": None if w.age_seconds is None else round(w.age_seconds, 3),
+        "inflight": None if w.inflight is None else {
+            "method": w.inflight.method, "uri": w.inflight.uri,
+            "seconds": round(w.inflight.seconds, 3)},
+        "recycles": w.recycles,
+        "last_reason": w.last_reason,
+        "last_recycle_time": w.last_recycle_time,
+    }
+
+
+_HOST_COLUMNS = ("HOST", "WORKER", "STATE", "PID", "AGE", "NOTE")
+
+#: Printed under the multi-host table: what it cannot show, and where to look.
+REMOTE_NOTE = ("Remote hosts show supervisord's view only (state, pid, uptime); RSS, requests, "
+               "in-flight requests and recycles: FCGI_TOOLKIT_HOST=NAME fcgi-toolkit status "
+               "on that host.")
+
+
+def format_hosts_table(status: DeploymentStatus) -> str:
+    """The multi-host table: a row per slot of every host (one row for a
+    host that is down), a summary line, then :data:`REMOTE_NOTE`."""
+    rows = [_HOST_COLUMNS]
+    for h in status.hosts:
+        if not h.up:
+            rows.append((h.name, "-", "down", "-", "-", h.error or ""))
+            continue
+        for w in h.workers:
+            rows.append((h.name, w.name, w.state, str(w.pid) if w.pid else "-",
+                         format_duration(w.age_seconds), "backup host" if h.backup else ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(_HOST_COLUMNS) - 1)]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(r, widths)) + "  " + r[-1]
+             for r in rows]
+    return ("\n".join(line.rstrip() for line in lines) + "\n" + hosts_summary_line(status)
+            + "\n" + REMOTE_NOTE + "\n")
+
+
+def hosts_summary_line(status: DeploymentStatus) -> str:
+    down = status.down
+    up = len(status.hosts) - len(down)
+    line = "%s: %d host%s, %d up, %d down" % (status.group, len(status.hosts),
+                                            "" if len(status.hosts) == 1 else "s", up, len(down))
+    if down:
+        line += " (%s)" % ", ".join(down)
+    running = sum(h.running for h in status.hosts)
+    wanted = sum(h.count for h in status.hosts)
+    return line + "; %d/%d workers running" % (running, wanted)
+
+
+def hosts_to_json(status: DeploymentStatus) -> dict:
+    """The documented multi-host ``status --json`` object (module docstring)."""
+    return {
+        "group": status.group,
+        "generated_at": status.generated_at,
+        "up": len(status.hosts) - len(status.down),
+        "down": status.down,
+        "hosts": [{
+            "name": h.name,
+            "address": h.address,
+            "control_url": h.control_url,
+            "backup": h.backup,
+            "up": h.up,
+            "error": h.error,
+            "count": h.count,
+            "standby": h.standby,
+            "running": h.running,
+            "workers": [_worker_json(w) for w in h.workers],
+        } for h in status.hosts],
+    }
