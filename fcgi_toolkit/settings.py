@@ -177,6 +177,10 @@ REGISTRY: tuple[Setting, ...] = (
             "User name for the TCP control port."),
     Setting("control", "password", plain_text, "",
             "Password for the TCP control port."),
+    Setting("control", "system_supervisord", optional_path, "",
+            "The distribution's supervisord.conf this deployment is added to by `fcgi-toolkit install`; "
+            "operator commands reach that supervisord through its [supervisorctl] serverurl; "
+            "empty: the toolkit's own supervisord (`run`).", "/etc/supervisor/supervisord.conf"),
 )
 
 #: Keys of one ``[[hosts]]`` table (several machines running the same worker
@@ -504,6 +508,8 @@ def parse(data: Mapping[str, Any], path: str, host: Optional[str] = None) -> Dep
     runtime["log_dir"] = _resolve(base, runtime["log_dir"] or os.path.join(runtime["dir"], "log"))
     if runtime["templates"]:
         runtime["templates"] = _resolve(base, runtime["templates"])
+    if values["control"]["system_supervisord"]:
+        values["control"]["system_supervisord"] = _resolve(base, values["control"]["system_supervisord"])
     nginx["static"] = {prefix: _resolve(base, d) for prefix, d in nginx["static"].items()}
     recycle["watch"] = [_resolve(base, p) for p in recycle["watch"]]
     if not workers["socket"]:

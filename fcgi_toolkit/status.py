@@ -540,9 +540,12 @@ def read_state(path: str) -> dict:
 
 
 def supervisor_proxy(dep: "Deployment") -> Any:
-    """The ``supervisor`` XML-RPC namespace over the deployment's private unix socket."""
+    """The ``supervisor`` XML-RPC namespace of the deployment's supervisord
+    (its own private unix socket, or control.system_supervisord's serverurl)."""
     from supervisor.xmlrpc import SupervisorTransport
-    transport = SupervisorTransport(None, None, "unix://" + dep.control_socket)
+    from fcgi_toolkit.supervisorconf import control_client
+    client = control_client(dep)
+    transport = SupervisorTransport(client.username or None, client.password or None, client.serverurl)
     return xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport).supervisor
 
 
@@ -580,10 +583,13 @@ def gather(dep: "Deployment", rpc: Any, now: Optional[float] = None,
 
 
 def _unavailable_reason(dep: "Deployment", exc: OSError, server_url: Optional[str]) -> str:
-    where = server_url or "unix://" + dep.control_socket
+    from fcgi_toolkit.supervisorconf import control_client
+    where = server_url or control_client(dep).serverurl
     if exc.errno in (errno.ENOENT, errno.ECONNREFUSED):
-        return "supervisord is not running (%s: %s); start it with: fcgi-toolkit run -c %s" % (
-            where, os.strerror(exc.errno), dep.path)
+        start = ("the distribution's supervisord (systemctl start supervisor)" if dep.control.system_supervisord
+                 else "fcgi-toolkit run -c %s" % dep.path)
+        return "supervisord is not running (%s: %s); start it with: %s" % (
+            where, os.strerror(exc.errno), start)
     return "cannot reach supervisord at %s: %s" % (where, exc.strerror or exc)
 
 

@@ -168,6 +168,7 @@ class MultiHost:
     def __init__(self, base: str):
         self.base = base
         self.runtime_dir = tempfile.mkdtemp(prefix="fct-mh-")
+        os.chmod(self.runtime_dir, 0o755)   # nginx's unprivileged workers write body temp files here
         self.log_dir = os.path.join(base, "log")
         self.port = free_port()
         ports = {name: free_port(ip) for name, ip in HOST_IPS.items()}
