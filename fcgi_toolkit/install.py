@@ -118,7 +118,7 @@ def check_web_access(dep: Deployment, host: render.Host) -> None:
 
 def plan_supervisor(dep: Deployment, host: render.Host, conf_dir: str = "",
                     sites_available: str = SITES_AVAILABLE, sites_enabled: str = SITES_ENABLED,
-                    nginx_site: bool = True) -> Plan:
+                    nginx_site: bool = True, rpc_plugin: bool = False) -> Plan:
     """Render and check the supervisord fragment, the client conf and the nginx site."""
     _require_installable(dep)
     render.check_consistency(dep)
@@ -139,7 +139,7 @@ def plan_supervisor(dep: Deployment, host: render.Host, conf_dir: str = "",
             % (dep.path, main, " ".join(patterns) or "(none)",
                os.path.join(conf_dir or "<conf.d>", site_name(dep))))
     ctx = render.context(dep, host, dep.runtime_dir)
-    ctx.update(fragment=True, socket_owner=socket_owner(dep, host),
+    ctx.update(fragment=True, rpc_plugin=rpc_plugin, socket_owner=socket_owner(dep, host),
                client_conf=client_conf_path(dep), system_client=client)
     names = {fragment: "supervisord-fragment.conf.j2", client_conf_path(dep): "supervisorctl.conf.j2"}
     site = os.path.join(os.path.abspath(sites_available), site_name(dep))
@@ -154,6 +154,9 @@ def plan_supervisor(dep: Deployment, host: render.Host, conf_dir: str = "",
     commands = ["%s reread" % ctl, "%s update %s" % (ctl, " ".join(group_names(dep)))]
     if nginx_site:
         commands.append("nginx -t && systemctl reload nginx")
+    # The ctl plugin imports fcgi_toolkit: use supervisorctl of the toolkit's Python.
+    commands.append("%s -m supervisor.supervisorctl -c %s fcgi status    # the fcgi plugin"
+                    % (sys.executable, client_conf_path(dep)))
     return Plan(files=files, modes=modes, links=links, commands=tuple(commands),
                 directories=(dep.runtime_dir, dep.log_dir))
 
@@ -254,6 +257,9 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
                         help="nginx enabled-site links (default: %(default)s)")
     parser.add_argument("--no-nginx-site", dest="nginx_site", action="store_false",
                         help="leave nginx alone (no site file, no link)")
+    parser.add_argument("--rpc-plugin", action="store_true",
+                        help="add [rpcinterface:fcgi_NAME] to the fragment; only if the distribution's "
+                             "supervisord's own Python imports fcgi_toolkit (else its reread and start fail)")
     parser.add_argument("--systemd-dir", default=SYSTEMD_DIR, metavar="DIR",
                         help="with --systemd: unit directory (default: %(default)s)")
 
@@ -272,7 +278,7 @@ def make_plan(args: argparse.Namespace, dep: Deployment, host: Optional[render.H
     if args.systemd:
         return plan_systemd(dep, host, args.systemd_dir)
     return plan_supervisor(dep, host, args.conf_dir, args.sites_available, args.sites_enabled,
-                           args.nginx_site)
+                           args.nginx_site, args.rpc_plugin)
 
 
 def run_install(args: argparse.Namespace) -> int:

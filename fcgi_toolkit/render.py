@@ -166,6 +166,7 @@ def context(dep: Deployment, host: Host, conf_dir: str) -> dict:
     ctx.update(
         conf_dir=conf_dir,
         fragment=False,   # True: the conf.d fragment of fcgi_toolkit.install
+        rpc_plugin=True,  # the fragment carries [rpcinterface:fcgi_NAME] (install --rpc-plugin)
         socket_mode="%04o" % dep.workers.socket_mode,
         socket_owner=identity.socket_owner if identity and identity.socket_owner else dep.workers.socket_owner,
         host_user=host.user,

@@ -35,11 +35,11 @@ thin I/O shell (RPC, the watchdog's sampler, state file) shared by the
 
 On the web server of a multi-host deployment (``[[hosts]]``, no
 FCGI_TOOLKIT_HOST) ``status`` asks every host's supervisord over its TCP
-control port (control.inet_port with control.username/password) and prints
-supervisord's view of each host: state, pid and uptime per worker.  RSS,
-requests, in-flight requests and recycles live in each host's scoreboard and
-state file, so they are null here (``FCGI_TOOLKIT_HOST=NAME fcgi-toolkit
-status`` on the host shows them).  A host that does not answer is "down";
+control port (control.inet_port with control.username/password) for its
+own status, ``fcgi.status()`` of our RPC plugin (:mod:`fcgi_toolkit.rpcinterface`):
+every worker in full, as on the host.  A host without the plugin shows
+supervisord's view only (state, pid, uptime; RSS, requests, in-flight
+request and recycles null).  A host that does not answer is "down";
 the exit status is then 1.  ``--json``::
 
     {"group": "wiki",
@@ -67,6 +67,7 @@ import argparse
 import errno
 import http.client
 import json
+import logging
 import os
 import sys
 import time
@@ -85,6 +86,8 @@ from fcgi_toolkit.scoreboard import Scoreboard, SlotRecord
 if TYPE_CHECKING:  # the sampler imports psutil: only when gathering
     from fcgi_toolkit.policy import SlotSnapshot
     from fcgi_toolkit.settings import Deployment, HostSpec
+
+log = logging.getLogger(__name__)
 
 # Every value of WorkerView.state, in the order an operator reads them.
 STATES: dict[str, str] = {
@@ -166,6 +169,7 @@ class HostStatus:
     standby: int
     workers: tuple[WorkerView, ...]   # empty when the host is down
     error: Optional[str] = None       # why the host is down; None when it answered
+    full: bool = False                # workers from the host's fcgi.status() (rpcinterface)
 
     @property
     def up(self) -> bool:
@@ -464,7 +468,22 @@ def _worker_json(w: WorkerView) -> dict:
     }
 
 
+def worker_from_json(obj: Mapping[str, Any]) -> WorkerView:
+    """A :class:`WorkerView` back from :func:`_worker_json` (a host's fcgi.status())."""
+    inflight = obj.get("inflight")
+    return WorkerView(
+        name=str(obj["name"]), state=str(obj["state"]), supervisor_state=str(obj["supervisor_state"]),
+        pid=obj.get("pid"), rss_bytes=obj.get("rss_bytes"), requests=obj.get("requests"),
+        age_seconds=obj.get("age_seconds"),
+        inflight=Inflight(str(inflight["method"]), str(inflight["uri"]), float(inflight["seconds"]))
+        if isinstance(inflight, Mapping) else None,
+        recycles=obj.get("recycles"), last_reason=obj.get("last_reason"),
+        last_recycle_time=obj.get("last_recycle_time"),
+        serving=obj.get("state") in ("ready", "busy"), by_reason={})
+
+
 _HOST_COLUMNS = ("HOST", "WORKER", "STATE", "PID", "AGE", "NOTE")
+_FULL_HOST_COLUMNS = ("HOST", "WORKER", "STATE", "PID", "RSS", "REQS", "AGE", "RECYCLES", "NOTE")
 
 #: Printed under the multi-host table: what it cannot show, and where to look.
 REMOTE_NOTE = ("Remote hosts show supervisord's view only (state, pid, uptime); RSS, requests, "
@@ -475,19 +494,28 @@ REMOTE_NOTE = ("Remote hosts show supervisord's view only (state, pid, uptime); 
 def format_hosts_table(status: DeploymentStatus) -> str:
     """The multi-host table: a row per slot of every host (one row for a
     host that is down), a summary line, then :data:`REMOTE_NOTE`."""
-    rows = [_HOST_COLUMNS]
+    full = any(h.full for h in status.hosts)
+    columns = _FULL_HOST_COLUMNS if full else _HOST_COLUMNS
+    rows = [columns]
     for h in status.hosts:
         if not h.up:
-            rows.append((h.name, "-", "down", "-", "-", h.error or ""))
+            rows.append((h.name, "-", "down") + ("-",) * (len(columns) - 4) + (h.error or "",))
             continue
         for w in h.workers:
-            rows.append((h.name, w.name, w.state, str(w.pid) if w.pid else "-",
-                         format_duration(w.age_seconds), "backup host" if h.backup else ""))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(_HOST_COLUMNS) - 1)]
+            notes = ["backup host"] if h.backup else []
+            if w.inflight:
+                notes.append("%s %s (%s)" % (w.inflight.method, w.inflight.uri,
+                                             format_duration(w.inflight.seconds)))
+            counts = (format_bytes(w.rss_bytes), "-" if w.requests is None else str(w.requests))
+            rows.append((h.name, w.name, w.state, str(w.pid) if w.pid else "-")
+                        + (counts if full else ()) + (format_duration(w.age_seconds),)
+                        + (("-" if w.recycles is None else str(w.recycles),) if full else ())
+                        + ("; ".join(notes),))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(columns) - 1)]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(r, widths)) + "  " + r[-1]
              for r in rows]
-    return ("\n".join(line.rstrip() for line in lines) + "\n" + hosts_summary_line(status)
-            + "\n" + REMOTE_NOTE + "\n")
+    note = "" if all(h.full for h in status.hosts if h.up) and full else REMOTE_NOTE + "\n"
+    return "\n".join(line.rstrip() for line in lines) + "\n" + hosts_summary_line(status) + "\n" + note
 
 
 def hosts_summary_line(status: DeploymentStatus) -> str:
@@ -639,9 +667,32 @@ def query_host(group: str, spec: "HostSpec", standby: int, url: str, server: Any
                                  "%s is supervisord %r, not %r: control.inet_port of another "
                                  "deployment or host?" % (url, identity, expected))
             infos = rpc.getAllProcessInfo()
+            full = host_group_status(server)
     except (OSError, xmlrpc.client.Error, http.client.HTTPException, ExpatError) as exc:
         return host_down(spec, standby, url, unreachable_reason(url, exc, timeout))
+    if full is not None:
+        # The host's own status (fcgi_toolkit.rpcinterface): RSS, requests, in flight, recycles.
+        return HostStatus(name=spec.name, address=spec.address, control_url=url, backup=spec.backup,
+                          count=spec.count, standby=standby, full=True,
+                          workers=tuple(worker_from_json(w) for w in full["workers"]))
     return host_status(group, spec, standby, url, infos)
+
+
+def host_group_status(server: Any) -> Optional[dict]:
+    """The host's ``fcgi.status()`` as the ``status --json`` dict; None when
+    its supervisord has no fcgi plugin (configured before it existed) or the
+    plugin failed (then supervisord's own view is shown)."""
+    from supervisor.xmlrpc import Faults
+    from fcgi_toolkit.rpcinterface import decode_status
+    try:
+        return decode_status(server.fcgi.status())
+    except xmlrpc.client.Fault as exc:
+        if exc.faultCode != Faults.UNKNOWN_METHOD:
+            log.warning("fcgi.status() failed: %s; showing supervisord's view", exc.faultString)
+        return None
+    except ValueError as exc:
+        log.warning("fcgi.status() answered no status object (%s); showing supervisord's view", exc)
+        return None
 
 
 def require_host_control(dep: "Deployment") -> None:

@@ -81,10 +81,14 @@ def write_deploy(base: str, **sections) -> str:
     return path
 
 
-def plan(base: str, host=ROOT_HOST, **sections) -> install.Plan:
+def plan(base: str, host=ROOT_HOST, rpc_plugin: bool = True, **sections) -> install.Plan:
     dep = settings.load(write_deploy(base, **sections))
     return install.plan_supervisor(dep, host, sites_available=os.path.join(base, "sites-available"),
-                                   sites_enabled=os.path.join(base, "sites-enabled"))
+                                   sites_enabled=os.path.join(base, "sites-enabled"), rpc_plugin=rpc_plugin)
+
+
+def p_deploy(base: str) -> str:
+    return os.path.join(base, "deploy.toml")
 
 
 def toolkit(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -117,17 +121,25 @@ def test_fragment_is_read_by_supervisord_through_the_include(system):
     groups = {g.name: g for g in options.process_group_configs}
     # No nginx program (the system's nginx serves), no [group:x] (it would drop the socket).
     assert set(groups) == {"other", "core", "core_watchdog"}
+    # The plugin's section, merged from the include, under a per-deployment name.
+    from fcgi_toolkit import rpcinterface
+    factories = {name: (factory, config) for name, factory, config in options.rpcinterface_factories}
+    assert factories["fcgi_core"] == (rpcinterface.make_rpcinterface, {"deploy": p_deploy(system)})
     import grp
     assert groups["core"].socket_config.get_owner() == (0, grp.getgrnam("www-data").gr_gid)
     assert groups["core"].socket_config.get_mode() == 0o660
     sections = re.findall(r"^\[([^\]:]+)", p.files[fragment], re.M)
-    assert set(sections) == {"fcgi-program", "eventlistener"}, sections
+    # [rpcinterface:fcgi] may live in an included file: supervisord merges includes first.
+    assert set(sections) == {"rpcinterface", "fcgi-program", "eventlistener"}, sections
     # supervisorctl reads no included file: the plugin is in the client conf.
     assert "serverurl=unix://%s/supervisor.sock" % system in p.files[client]
     assert "[ctlplugin:fcgi]" in p.files[client]
     assert p.commands[:2] == ("supervisorctl -c %s/supervisord.conf reread" % system,
                               "supervisorctl -c %s/supervisord.conf update core core_watchdog" % system)
     assert all(install.MARK in text[:400] for text in p.files.values())
+    assert "fcgi status" in p.commands[-1] and "-m supervisor.supervisorctl -c %s" % client in p.commands[-1]
+    # Without --rpc-plugin (the default) no plugin the system supervisord might fail to import.
+    assert "[rpcinterface:" not in plan(system, rpc_plugin=False).files[fragment]
 
 
 def test_refusals_are_one_line(system):
@@ -214,10 +226,13 @@ class SystemSupervisord:
                                      stderr=subprocess.DEVNULL, start_new_session=True)
         self.known: dict[int, psutil.Process] = {}
 
-    def rpc(self):
+    def server(self) -> xmlrpc.client.ServerProxy:
         from supervisor.xmlrpc import SupervisorTransport
         return xmlrpc.client.ServerProxy("http://127.0.0.1", transport=SupervisorTransport(
-            None, None, "unix://" + os.path.join(self.base, "supervisor.sock"))).supervisor
+            None, None, "unix://" + os.path.join(self.base, "supervisor.sock")))
+
+    def rpc(self):
+        return self.server().supervisor
 
     def infos(self) -> dict[str, dict]:
         for p in psutil.Process(self.proc.pid).children(recursive=True):
@@ -282,7 +297,7 @@ def test_install_into_a_running_supervisord_and_out_again(system):
         wait_for(lambda: sup.infos()["other:other"]["statename"] == "RUNNING", 20, "program other")
         other_pid = sup.infos()["other:other"]["pid"]
 
-        r = toolkit("install", "-c", path, *nginx_dirs(system))
+        r = toolkit("install", "-c", path, "--rpc-plugin", *nginx_dirs(system))
         assert r.returncode == 0, r.stderr
         assert "supervisorctl -c %s reread" % sup.conf in r.stdout
         update = [line.strip() for line in r.stdout.splitlines() if " update " in line][0]
