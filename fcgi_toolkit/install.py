@@ -107,13 +107,7 @@ def check_web_access(dep: Deployment, host: render.Host) -> None:
         raise ConfigError("%s: workers.socket_mode = '%04o': the system nginx (%s) opens the socket "
                           "through its group %s, which needs read and write (like 0660)"
                           % (dep.path, dep.workers.socket_mode, host.web_user, host.web_group))
-    places = [("workers.socket", dep.socket_url, os.path.dirname(dep.socket_path))] if dep.socket_is_unix else []
-    places += [("nginx.static", prefix, d) for prefix, d in sorted(dep.nginx.static.items())]
-    for key, value, directory in places:
-        why = webuser.unreachable(directory, host.web_user, host.web_group)
-        if why:
-            raise ConfigError("%s: %s = %r: the system nginx runs as %s, and %s; make it "
-                              "searchable (chmod o+x) or move it" % (dep.path, key, value, host.web_user, why))
+    webuser.check_reach(dep, host.web_user, host.web_group, "the system nginx's workers", runtime_dir=False)
 
 
 def plan_supervisor(dep: Deployment, host: render.Host, conf_dir: str = "",

@@ -77,17 +77,8 @@ def check_nginx_reach(dep: Deployment, host: render.Host) -> None:
     or static directory that user cannot enter (nginx would answer 502/403)."""
     from fcgi_toolkit import webuser
     identity = render.nginx_identity(dep, host)
-    if identity is None:
-        return
-    places = [("runtime.dir", dep.runtime_dir, dep.runtime_dir)]
-    if dep.socket_is_unix:
-        places.append(("workers.socket", dep.socket_url, os.path.dirname(dep.socket_path)))
-    places += [("nginx.static", prefix, directory) for prefix, directory in sorted(dep.nginx.static.items())]
-    for key, value, directory in places:
-        why = webuser.unreachable(directory, identity.user, identity.group)
-        if why:
-            raise ConfigError("%s: %s = %r: nginx's workers run as %s, and %s; make it "
-                              "searchable (chmod o+x) or move it" % (dep.path, key, value, identity.user, why))
+    if identity is not None:
+        webuser.check_reach(dep, identity.user, identity.group, "nginx's workers", runtime_dir=True)
 
 
 def banner(dep: Deployment) -> str:

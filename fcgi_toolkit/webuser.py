@@ -20,7 +20,10 @@ import os
 import pwd
 import stat
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional
+from typing import TYPE_CHECKING, Callable, Iterable, Optional
+
+if TYPE_CHECKING:
+    from fcgi_toolkit.settings import Deployment
 
 #: Tried in order for the dedicated user: Debian's web server user, then the
 #: user every Unix has.
@@ -109,3 +112,19 @@ def unreachable(path: str, user: str, group: str) -> Optional[str]:
         if not allowed:
             return "%s cannot enter %s (mode %04o)" % (user, current, stat.S_IMODE(st.st_mode))
     return None
+
+
+def check_reach(dep: "Deployment", user: str, group: str, who: str, runtime_dir: bool) -> None:
+    """Raise ConfigError (one line) if nginx's workers, running as ``user``
+    (``who`` describes them), cannot enter the socket's directory, a static
+    directory or (``runtime_dir``: nginx's temp files are there) runtime.dir."""
+    from fcgi_toolkit.settings import ConfigError
+    places = [("runtime.dir", dep.runtime_dir, dep.runtime_dir)] if runtime_dir else []
+    if dep.socket_is_unix:
+        places.append(("workers.socket", dep.socket_url, os.path.dirname(dep.socket_path)))
+    places += [("nginx.static", prefix, directory) for prefix, directory in sorted(dep.nginx.static.items())]
+    for key, value, directory in places:
+        why = unreachable(directory, user, group)
+        if why:
+            raise ConfigError("%s: %s = %r: %s run as %s, and %s; make it searchable (chmod o+x) "
+                              "or move it" % (dep.path, key, value, who, user, why))

@@ -353,3 +353,19 @@ def test_install_into_a_running_supervisord_and_out_again(system):
             except subprocess.TimeoutExpired:
                 os.killpg(nginx.pid, signal.SIGKILL)
         sup.stop()
+
+
+def test_run_refuses_what_a_root_started_nginx_cannot_reach(system):
+    from fcgi_toolkit import runner
+    private = os.path.join(system, "private")
+    os.mkdir(private, 0o700)
+    dep = settings.load(write_deploy(system, control={"system_supervisord": ""},
+                                     runtime={"dir": os.path.join(private, "rt")}))
+    with pytest.raises(ConfigError, match=r"runtime.dir = '%s/rt': nginx's workers run as www-data, "
+                                          r"and www-data cannot enter %s \(mode 0700\)" % (private, private)):
+        runner.check_nginx_reach(dep, ROOT_HOST)
+    os.chmod(private, 0o755)
+    runner.check_nginx_reach(dep, ROOT_HOST)
+    # Not started by root: nginx cannot change user, nothing to check.
+    os.chmod(private, 0o700)
+    runner.check_nginx_reach(dep, render.Host(euid=1000, user="alice", nginx_binary="nginx", mime_types=""))
