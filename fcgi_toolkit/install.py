@@ -33,9 +33,12 @@ service.
 from __future__ import annotations
 
 import argparse
+import http.client
 import math
 import os
+import subprocess
 import sys
+import xmlrpc.client
 from dataclasses import dataclass, field
 from typing import Mapping, Optional
 
@@ -275,9 +278,47 @@ def make_plan(args: argparse.Namespace, dep: Deployment, host: Optional[render.H
                            args.nginx_site, args.rpc_plugin)
 
 
+def plugin_import_problem(dep: Deployment) -> Optional[str]:
+    """Why the running supervisord of control.system_supervisord could not
+    load our RPC plugin; None if its interpreter imports it.
+
+    supervisord imports a plugin when it reads its configuration (reread,
+    start): one it cannot import fails both, for every program.
+    """
+    from fcgi_toolkit import status
+    try:
+        pid = int(status.supervisor_proxy(dep).getPID())
+    except (OSError, xmlrpc.client.Error, http.client.HTTPException) as exc:
+        return "its supervisord does not answer (%s), so whether its Python imports fcgi_toolkit " \
+               "is unknown" % exc
+    try:
+        with open("/proc/%d/cmdline" % pid, "rb") as f:
+            argv0 = f.read().split(b"\0")[0].decode()
+        # argv[0], not /proc/PID/exe: a virtualenv's python is a symlink whose
+        # target does not see the virtualenv's packages.
+        python = argv0 if os.path.isabs(argv0) else os.readlink("/proc/%d/exe" % pid)
+    except OSError as exc:
+        return "cannot see the interpreter of its supervisord (pid %d): %s" % (pid, exc.strerror)
+    try:
+        r = subprocess.run([python, "-c", "import fcgi_toolkit.rpcinterface"], cwd="/",
+                           env={"PATH": os.defpath}, stdin=subprocess.DEVNULL, capture_output=True,
+                           timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return "cannot run %s (its supervisord's Python): %s" % (python, exc)
+    if r.returncode != 0:
+        return ("its supervisord (pid %d) runs %s, which cannot import fcgi_toolkit.rpcinterface; "
+                "install fcgi_toolkit for that Python or leave out --rpc-plugin" % (pid, python))
+    return None
+
+
 def run_install(args: argparse.Namespace) -> int:
     dep = settings.load(args.config)
     plan = make_plan(args, dep)
+    if args.rpc_plugin and not args.systemd:
+        problem = plugin_import_problem(dep)
+        if problem:
+            raise ConfigError("%s: control.system_supervisord = %r: --rpc-plugin: %s"
+                              % (dep.path, dep.control.system_supervisord, problem))
     if args.dry_run:
         sys.stdout.write(describe(plan))
         return 0

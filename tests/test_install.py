@@ -174,6 +174,11 @@ def test_dry_run_writes_nothing_and_bad_input_exits_2(system):
     assert sorted(os.listdir(system)) == before
     r = toolkit("run", "-c", path)
     assert r.returncode == 2 and "control.system_supervisord" in r.stderr
+    # --rpc-plugin only when the running supervisord's Python is known to import it.
+    r = toolkit("install", "-c", path, "--rpc-plugin", *nginx_dirs(system))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and r.stdout == ""
+    assert "--rpc-plugin: its supervisord does not answer" in r.stderr
+    assert sorted(os.listdir(system)) == before
 
 
 def test_uninstall_removes_only_our_files(system):
