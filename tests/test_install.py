@@ -138,8 +138,16 @@ def test_fragment_is_read_by_supervisord_through_the_include(system):
                               "supervisorctl -c %s/supervisord.conf update core core_watchdog" % system)
     assert all(install.MARK in text[:400] for text in p.files.values())
     assert "fcgi status" in p.commands[-1] and "-m supervisor.supervisorctl -c %s" % client in p.commands[-1]
-    # Without --rpc-plugin (the default) no plugin the system supervisord might fail to import.
-    assert "[rpcinterface:" not in plan(system, rpc_plugin=False).files[fragment]
+    # Without --rpc-plugin (the default) no plugin the system supervisord might fail to import,
+    # and the fragment still reads back.
+    plain = plan(system, rpc_plugin=False).files[fragment]
+    assert "supervisor.rpcinterface_factory" not in plain
+    with open(fragment, "w") as f:
+        f.write(plain)
+    options = ServerOptions()
+    options.realize(args=["-c", os.path.join(system, "supervisord.conf")])
+    assert [name for name, _, _ in options.rpcinterface_factories] == ["supervisor"]
+    assert {g.name for g in options.process_group_configs} == {"other", "core", "core_watchdog"}
 
 
 def test_refusals_are_one_line(system):
