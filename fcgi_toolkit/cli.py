@@ -20,6 +20,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "check": ("fcgi_toolkit.deployfile", "validate a deployment file (and that the app imports)"),
     "render": ("fcgi_toolkit.render", "render supervisord.conf and nginx configs into a directory"),
     "run": ("fcgi_toolkit.runner", "render into the runtime dir and run supervisord in the foreground"),
+    "install": ("fcgi_toolkit.install", "add the deployment to the distribution's supervisord and nginx "
+                                        "(or --systemd: a unit running `run`)"),
+    "uninstall": ("fcgi_toolkit.install", "remove what install wrote"),
     "demo": ("fcgi_toolkit.runner", "run a built-in demo app behind nginx with zero configuration"),
     "worker": ("fcgi_toolkit.worker", "serve the app on the inherited FastCGI socket (used by supervisord)"),
     "listener": ("fcgi_toolkit.listener", "the watchdog event listener (used by supervisord)"),

@@ -194,7 +194,11 @@ def run_check(args: argparse.Namespace) -> int:
     from fcgi_toolkit import render
 
     dep = settings.load(args.config)
-    render.render_all(dep, render.Host.probe(dep), dep.runtime_dir)
+    host = render.Host.probe(dep)
+    render.render_all(dep, host, dep.runtime_dir)
+    warning = render.capacity_warning(dep, host)
+    if warning:
+        print("fcgi-toolkit: warning: %s" % warning, file=sys.stderr)
     if not os.path.isdir(dep.app.directory):
         raise ConfigError("%s: app.directory = %r: no such directory" % (dep.path, dep.app.directory))
     if args.import_app:

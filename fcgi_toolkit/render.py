@@ -32,9 +32,9 @@ import re
 import shutil
 import tempfile
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Mapping, Optional
+from typing import TYPE_CHECKING, Callable, Mapping, Optional
 
-from fcgi_toolkit import settings
+from fcgi_toolkit import settings, webuser
 from fcgi_toolkit.settings import ConfigError, Deployment
 
 if TYPE_CHECKING:
@@ -46,6 +46,13 @@ FILES: Mapping[str, str] = {
     "nginx.conf": "nginx.conf.j2",
     "nginx-site.conf": "nginx-site.conf.j2",
 }
+
+#: The least memory one worker takes (an idle worker of the demo app is
+#: about 20 MB resident; see README "Safe defaults").
+MIN_WORKER_RSS = 16 * 1024 * 1024
+
+#: Workers per CPU above which check and run warn.
+CPU_FACTOR = 4
 
 #: Where a distribution keeps nginx's MIME map; the standalone nginx.conf
 #: includes it when present and ships a small map otherwise.
@@ -65,6 +72,15 @@ class Host:
     user: str
     nginx_binary: str
     mime_types: str
+    #: The dedicated unprivileged user (and its primary group) nginx's
+    #: workers run as when nginx is started by root (see fcgi_toolkit.webuser).
+    web_user: str = "www-data"
+    web_group: str = "www-data"
+    #: user name -> its primary group's name; KeyError for an unknown user.
+    primary_group: Callable[[str], str] = webuser.primary_group
+    #: CPUs and bytes of memory of the machine; 0: unknown (no capacity check).
+    cpus: int = 0
+    memory: int = 0
 
     @classmethod
     def probe(cls, dep: Optional[Deployment] = None) -> "Host":
@@ -74,9 +90,21 @@ class Host:
             user = pwd.getpwuid(euid).pw_name
         except KeyError:  # a uid without a passwd entry (containers)
             user = "root" if euid == 0 else str(euid)
+        web_user, web_group = webuser.probe_web_user()
         return cls(euid=euid, user=user,
                    nginx_binary=find_nginx(configured) or configured or "nginx",
-                   mime_types=SYSTEM_MIME_TYPES if os.path.isfile(SYSTEM_MIME_TYPES) else "")
+                   mime_types=SYSTEM_MIME_TYPES if os.path.isfile(SYSTEM_MIME_TYPES) else "",
+                   web_user=web_user, web_group=web_group,
+                   cpus=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 0),
+                   memory=_memory_bytes())
+
+
+def _memory_bytes() -> int:
+    """Physical memory in bytes; 0 if unknown."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return 0
 
 
 def find_nginx(configured: str = "") -> str:
@@ -134,18 +162,16 @@ def context(dep: Deployment, host: Host, conf_dir: str) -> dict:
     """The template context: the deployment's plus what the templates derive."""
     ctx = dep.context()
     location = dep.nginx.location
-    nginx_user = ""
-    if host.euid == 0:
-        # nginx run by root drops its workers to "nobody", who cannot open a
-        # socket owned by root with mode 0660; use the socket's owner instead.
-        owner = dep.workers.socket_owner.split(":")[0] if dep.workers.socket_owner else ""
-        nginx_user = dep.workers.user or owner or host.user
+    identity = nginx_identity(dep, host)
     ctx.update(
         conf_dir=conf_dir,
+        fragment=False,   # True: the conf.d fragment of fcgi_toolkit.install
+        rpc_plugin=True,  # the fragment carries [rpcinterface:fcgi_NAME] (install --rpc-plugin)
         socket_mode="%04o" % dep.workers.socket_mode,
+        socket_owner=identity.socket_owner if identity and identity.socket_owner else dep.workers.socket_owner,
         host_user=host.user,
         nginx_binary=host.nginx_binary,
-        nginx_user=nginx_user,
+        nginx_user="%s %s" % (identity.user, identity.group) if identity else "",
         nginx_worker_processes=1,
         mime_types=host.mime_types,
         stopwaitsecs=int(math.ceil(dep.workers.graceful_timeout)) + 5,
@@ -166,6 +192,67 @@ def context(dep: Deployment, host: Host, conf_dir: str) -> dict:
     return ctx
 
 
+def nginx_identity(dep: Deployment, host: Host) -> Optional[webuser.NginxIdentity]:
+    """Who nginx's workers run as when nginx is started by root (never root);
+    None when it is not (nginx then cannot change user)."""
+    if host.euid != 0:
+        return None
+    try:
+        return webuser.nginx_identity(
+            dep.socket_is_unix, dep.workers.socket_owner, dep.workers.user, host.user,
+            host.web_user, host.web_group, host.primary_group)
+    except KeyError:
+        key, value = (("workers.socket_owner", dep.workers.socket_owner) if dep.workers.socket_owner
+                      else ("workers.user", dep.workers.user))
+        raise ConfigError("%s: %s = %r: no such user on this machine" % (dep.path, key, value)) from None
+
+
+def check_socket_access(dep: Deployment, host: Host) -> None:
+    """A root-started nginx reaches a unix socket through its owner or group
+    bits: refuse a socket_mode that gives it neither."""
+    identity = nginx_identity(dep, host)
+    if identity is None or not dep.socket_is_unix:
+        return
+    owner = (dep.workers.socket_owner.partition(":")[0] or dep.workers.user)
+    through_owner = identity.user == owner
+    needed = 0o600 if through_owner else 0o060
+    if dep.workers.socket_mode & needed != needed:
+        raise ConfigError(
+            "%s: workers.socket_mode = '%04o': nginx's workers run as %s (group %s) and open the "
+            "socket through its %s bits, which must allow read and write (like 0660)"
+            % (dep.path, dep.workers.socket_mode, identity.user, identity.group,
+               "owner" if through_owner else "group"))
+
+
+def check_capacity(dep: Deployment, host: Host) -> None:
+    """Refuse a workers.count this machine cannot hold in memory (see README
+    "Safe defaults"): at the peak of a recycle, count + recycle.max_concurrent
+    workers (at most every slot) are alive, each allowed to grow to
+    limits.max_rss before it is replaced (without max_rss, each costs at
+    least MIN_WORKER_RSS)."""
+    if not host.memory:
+        return
+    alive = min(dep.slots, dep.workers.count + dep.recycle.max_concurrent)
+    each = dep.limits.max_rss or MIN_WORKER_RSS
+    if alive * each > host.memory:
+        from fcgi_toolkit.names import format_size
+        why = ("limits.max_rss = %s each" % format_size(dep.limits.max_rss) if dep.limits.max_rss
+               else "at least %s each (an idle worker's own memory)" % format_size(MIN_WORKER_RSS))
+        raise ConfigError(
+            "%s: workers.count = %d: at the peak of a recycle %d workers run, %s: %s, more than "
+            "this machine's %s of memory" % (dep.path, dep.workers.count, alive, why,
+                                             format_size(alive * each), format_size(host.memory)))
+
+
+def capacity_warning(dep: Deployment, host: Host) -> str:
+    """A line for stderr when workers.count is above what the CPUs run at
+    once (allowed: an I/O-bound app may want it; see README), else ""."""
+    if host.cpus and dep.workers.count > CPU_FACTOR * host.cpus:
+        return ("%s: workers.count = %d is more than %d x this machine's %d CPUs; if the app is "
+                "I/O-bound, prefer workers.threads" % (dep.path, dep.workers.count, CPU_FACTOR, host.cpus))
+    return ""
+
+
 def upstream_server_line(spec: settings.HostSpec) -> str:
     """The nginx ``server`` parameters of one host: address, failure detection, backup."""
     line = "%s max_fails=%d fail_timeout=%s" % (spec.address, spec.max_fails,
@@ -178,19 +265,22 @@ WEB_SERVER_FILES = ("nginx.conf", "nginx-site.conf")
 HOST_FILES = ("supervisord.conf",)
 
 
-def _render_files(dep: Deployment, host: Host, conf_dir: str, names) -> dict[str, str]:
+def render_templates(dep: Deployment, ctx: Mapping, templates: Mapping[str, str]) -> dict[str, str]:
+    """{name: template} rendered with ``ctx`` (see :func:`context`); writes nothing."""
     import jinja2
 
     env = environment(dep.runtime.templates)
-    ctx = context(dep, host, conf_dir)
     out = {}
-    for filename in names:
-        template = FILES[filename]
+    for filename, template in templates.items():
         try:
             out[filename] = env.get_template(template).render(ctx)
         except jinja2.TemplateError as exc:
             raise ConfigError("%s: template %s: %s" % (dep.path, template, exc)) from None
     return out
+
+
+def _render_files(dep: Deployment, host: Host, conf_dir: str, names) -> dict[str, str]:
+    return render_templates(dep, context(dep, host, conf_dir), {name: FILES[name] for name in names})
 
 
 def render_all(dep: Deployment, host: Host, conf_dir: str) -> dict[str, str]:
@@ -200,6 +290,9 @@ def render_all(dep: Deployment, host: Host, conf_dir: str) -> dict[str, str]:
     of a ``[[hosts]]`` file: supervisord.conf.  The front view: the nginx
     files and ``<host>/supervisord.conf`` for every host.
     """
+    check_socket_access(dep, host)
+    if not dep.multi_host or dep.host is not None:
+        check_capacity(dep, host)   # this machine runs the workers
     if not dep.multi_host:
         return _render_files(dep, host, conf_dir, FILES)
     if dep.host is not None:

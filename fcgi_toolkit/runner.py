@@ -34,10 +34,14 @@ _FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def prepare(dep: Deployment, host: Optional[render.Host] = None) -> list[str]:
-    """Create the runtime and log dirs and the scoreboard; render the configs."""
+    """Render the configs, check a managed nginx can reach its files, create
+    the runtime and log dirs and the scoreboard, write the configs."""
     from fcgi_toolkit import scoreboard
 
-    files = render.render_all(dep, host or render.Host.probe(dep), dep.runtime_dir)
+    host = host or render.Host.probe(dep)
+    files = render.render_all(dep, host, dep.runtime_dir)
+    if dep.nginx.managed and not dep.multi_host:
+        check_nginx_reach(dep, host)
     for directory in (dep.runtime_dir, dep.log_dir):
         os.makedirs(directory, mode=0o755, exist_ok=True)
     scoreboard.create(dep.scoreboard_path, dep.slots)
@@ -56,11 +60,25 @@ def check_runnable(dep: Deployment) -> None:
             "with the rendered files (fcgi-toolkit render -c %s; nginx -c .../nginx.conf), on each "
             "host: FCGI_TOOLKIT_HOST=NAME fcgi-toolkit run -c %s (hosts: %s)"
             % (dep.path, dep.path, dep.path, ", ".join(dep.host_names())))
+    if dep.control.system_supervisord:
+        raise ConfigError(
+            "%s: control.system_supervisord = %r: this deployment runs in that supervisord "
+            "(fcgi-toolkit install); run starts a supervisord of its own: remove the setting to use run"
+            % (dep.path, dep.control.system_supervisord))
     if dep.multi_host:
         return  # a host's supervisord never runs nginx (nginx.managed is single-host only)
     if dep.nginx.managed and not render.find_nginx(dep.nginx.binary):
         raise ConfigError("%s: nginx.managed = true: no nginx executable found; install nginx, "
                           "set nginx.binary, or set nginx.managed = false" % dep.path)
+
+
+def check_nginx_reach(dep: Deployment, host: render.Host) -> None:
+    """A root-started nginx runs its workers unprivileged: refuse a socket
+    or static directory that user cannot enter (nginx would answer 502/403)."""
+    from fcgi_toolkit import webuser
+    identity = render.nginx_identity(dep, host)
+    if identity is not None:
+        webuser.check_reach(dep, identity.user, identity.group, "nginx's workers", runtime_dir=True)
 
 
 def banner(dep: Deployment) -> str:
@@ -152,7 +170,11 @@ def run_run(args: argparse.Namespace) -> int:
         print("fcgi-toolkit: %s is already running (%s answers); stop it first"
               % (dep.name, dep.control_socket), file=sys.stderr)
         return 1
-    prepare(dep)
+    host = render.Host.probe(dep)
+    prepare(dep, host)
+    warning = render.capacity_warning(dep, host)
+    if warning:
+        print("fcgi-toolkit: warning: %s" % warning, file=sys.stderr)
     return supervise(dep)
 
 
@@ -202,6 +224,9 @@ def run_demo(args: argparse.Namespace) -> int:
     temporary = args.dir is None
     directory = tempfile.mkdtemp(prefix="fcgi-toolkit-demo-") if temporary else os.path.abspath(args.dir)
     os.makedirs(directory, exist_ok=True)
+    if temporary:
+        # mkdtemp makes it 0700; nginx's unprivileged workers must reach the socket in it.
+        os.chmod(directory, 0o755)
     path = os.path.join(directory, "deploy.toml")
     try:
         with open(path, "w", encoding="utf-8") as f:
@@ -214,6 +239,7 @@ def run_demo(args: argparse.Namespace) -> int:
             print("fcgi-toolkit demo: nginx not found, so no HTTP server; talk FastCGI to the socket:\n"
                   "  SCRIPT_NAME= PATH_INFO=/ REQUEST_METHOD=GET QUERY_STRING= "
                   "cgi-fcgi -bind -connect %s" % dep.socket_path, file=sys.stderr)
+        check_runnable(dep)
         prepare(dep)
         return supervise(dep)
     finally:

@@ -21,6 +21,7 @@ from typing import Any, Callable, Mapping, Optional
 
 from fcgi_toolkit import names
 from fcgi_toolkit.converters import (
+    loopback_address,
     name,
     wsgi_ref,
     safe_path,
@@ -178,6 +179,10 @@ REGISTRY: tuple[Setting, ...] = (
             "User name for the TCP control port."),
     Setting("control", "password", plain_text, "",
             "Password for the TCP control port."),
+    Setting("control", "system_supervisord", optional_path, "",
+            "The distribution's supervisord.conf this deployment is added to by `fcgi-toolkit install`; "
+            "operator commands reach that supervisord through its [supervisorctl] serverurl; "
+            "empty: the toolkit's own supervisord (`run`).", "/etc/supervisor/supervisord.conf"),
 )
 
 #: Keys of one ``[[hosts]]`` table (several machines running the same worker
@@ -528,6 +533,8 @@ def _derive(values: dict[str, dict[str, Any]], base: str, path: str) -> None:
     runtime["log_dir"] = _resolve(base, runtime["log_dir"] or os.path.join(runtime["dir"], "log"))
     if runtime["templates"]:
         runtime["templates"] = _resolve(base, runtime["templates"])
+    if values["control"]["system_supervisord"]:
+        values["control"]["system_supervisord"] = _resolve(base, values["control"]["system_supervisord"])
     nginx["static"] = {prefix: _resolve(base, d) for prefix, d in nginx["static"].items()}
     recycle["watch"] = [_resolve(base, p) for p in recycle["watch"]]
     if not workers["socket"]:
@@ -571,6 +578,23 @@ def _check_hosts(data: Mapping[str, Any], values: dict[str, dict[str, Any]], hos
     values["workers"]["socket"] = ""
 
 
+def check_tcp_exposure(dep: Deployment) -> None:
+    """A TCP worker socket other machines can reach needs nginx.web_servers:
+    whoever reaches it speaks FastCGI to the app and sets any CGI variable
+    (REMOTE_USER, HTTPS, REMOTE_ADDR) the app trusts."""
+    if dep.socket_is_unix or not dep.socket_url or dep.nginx.web_servers:
+        return
+    try:
+        loopback_address(dep.socket_url[len("tcp://"):])
+        return
+    except ValueError:
+        raise ConfigError(
+            "%s: workers.socket = %r: a TCP socket on a non-loopback address needs "
+            "nginx.web_servers (the addresses nginx connects from; the workers accept no one "
+            "else), or bind it to 127.0.0.1" % (dep.path, dep.socket_url)) from None
+
+
+
 def check_consistency(dep: Deployment) -> None:
     """Rules across settings (of one view: the front or a host); raise ConfigError.
 
@@ -582,6 +606,7 @@ def check_consistency(dep: Deployment) -> None:
     if dep.control.inet_port.startswith("["):
         raise ConfigError("%s: control.inet_port = %r: supervisord's TCP control port is IPv4 only"
                           % (dep.path, dep.control.inet_port))
+    check_tcp_exposure(dep)
     if dep.nginx.web_servers and dep.socket_is_unix:
         raise ConfigError("%s: nginx.web_servers = %r: the allow-list applies to TCP sockets only; "
                           "a unix socket is guarded by workers.socket_mode"

@@ -35,11 +35,11 @@ thin I/O shell (RPC, the watchdog's sampler, state file) shared by the
 
 On the web server of a multi-host deployment (``[[hosts]]``, no
 FCGI_TOOLKIT_HOST) ``status`` asks every host's supervisord over its TCP
-control port (control.inet_port with control.username/password) and prints
-supervisord's view of each host: state, pid and uptime per worker.  RSS,
-requests, in-flight requests and recycles live in each host's scoreboard and
-state file, so they are null here (``FCGI_TOOLKIT_HOST=NAME fcgi-toolkit
-status`` on the host shows them).  A host that does not answer is "down";
+control port (control.inet_port with control.username/password) for its
+own status, ``fcgi.status()`` of our RPC plugin (:mod:`fcgi_toolkit.rpcinterface`):
+every worker in full, as on the host.  A host without the plugin shows
+supervisord's view only (state, pid, uptime; RSS, requests, in-flight
+request and recycles null).  A host that does not answer is "down";
 the exit status is then 1.  ``--json``::
 
     {"group": "wiki",

@@ -2,13 +2,16 @@
 
 Each host is asked over its TCP control port (control.inet_port with
 control.username/password, :func:`fcgi_toolkit.supervisord.proxy`), all at
-once, each bounded by a timeout.  Remote hosts show supervisord's view only
+once, each bounded by a timeout.  A host whose supervisord has our RPC plugin
+(:mod:`fcgi_toolkit.rpcinterface`) answers ``fcgi.status()``: every worker in
+full, as on the host.  A host without it shows supervisord's view only
 (state, pid, uptime); a host that does not answer is "down".
 """
 from __future__ import annotations
 
 import errno
 import http.client
+import logging
 import os
 import time
 import xmlrpc.client
@@ -21,10 +24,12 @@ from supervisor.states import ProcessStates, getProcessStateDescription
 
 from fcgi_toolkit import supervisord
 from fcgi_toolkit.names import CAPACITY_STATES, PROCESS_STATES, slot_names
-from fcgi_toolkit.status_local import WorkerView, _number, derive_state
+from fcgi_toolkit.status_local import Inflight, WorkerView, _number, derive_state
 
 if TYPE_CHECKING:
     from fcgi_toolkit.settings import Deployment, HostSpec
+
+log = logging.getLogger(__name__)
 
 #: Seconds each host's supervisord has to answer (connect, then each read).
 HOST_TIMEOUT = 5.0
@@ -41,6 +46,7 @@ class HostStatus:
     standby: int
     workers: tuple[WorkerView, ...]   # empty when the host is down
     error: Optional[str] = None       # why the host is down; None when it answered
+    full: bool = False                # workers from the host's fcgi.status() (rpcinterface)
 
     @property
     def up(self) -> bool:
@@ -147,9 +153,47 @@ def query_host(group: str, spec: "HostSpec", standby: int, url: str, server: Any
                                  "%s is supervisord %r, not %r: control.inet_port of another "
                                  "deployment or host?" % (url, identity, expected))
             infos = rpc.getAllProcessInfo()
+            full = host_group_status(server)
     except (OSError, xmlrpc.client.Error, http.client.HTTPException, ExpatError) as exc:
         return host_down(spec, standby, url, unreachable_reason(url, exc, timeout))
+    if full is not None:
+        # The host's own status (fcgi_toolkit.rpcinterface): RSS, requests, in flight, recycles.
+        return HostStatus(name=spec.name, address=spec.address, control_url=url, backup=spec.backup,
+                          count=spec.count, standby=standby, full=True,
+                          workers=tuple(worker_from_json(w) for w in full["workers"]))
     return host_status(group, spec, standby, url, infos)
+
+
+def host_group_status(server: Any) -> Optional[dict]:
+    """The host's ``fcgi.status()`` as the ``status --json`` dict; None when
+    its supervisord has no fcgi plugin (configured before it existed) or the
+    plugin failed (then supervisord's own view is shown)."""
+    from supervisor.xmlrpc import Faults
+    from fcgi_toolkit.rpcinterface import decode_status
+    try:
+        return decode_status(server.fcgi.status())
+    except xmlrpc.client.Fault as exc:
+        if exc.faultCode != Faults.UNKNOWN_METHOD:
+            log.warning("fcgi.status() failed: %s; showing supervisord's view", exc.faultString)
+        return None
+    except ValueError as exc:
+        log.warning("fcgi.status() answered no status object (%s); showing supervisord's view", exc)
+        return None
+
+
+def worker_from_json(obj: Mapping[str, Any]) -> WorkerView:
+    """A :class:`WorkerView` back from its ``status --json`` object
+    (:func:`fcgi_toolkit.status_output.to_json`), as a host's fcgi.status() sends it."""
+    inflight = obj.get("inflight")
+    return WorkerView(
+        name=str(obj["name"]), state=str(obj["state"]), supervisor_state=str(obj["supervisor_state"]),
+        pid=obj.get("pid"), rss_bytes=obj.get("rss_bytes"), requests=obj.get("requests"),
+        age_seconds=obj.get("age_seconds"),
+        inflight=Inflight(str(inflight["method"]), str(inflight["uri"]), float(inflight["seconds"]))
+        if isinstance(inflight, Mapping) else None,
+        recycles=obj.get("recycles"), last_reason=obj.get("last_reason"),
+        last_recycle_time=obj.get("last_recycle_time"),
+        serving=obj.get("state") in ("ready", "busy"), by_reason={})
 
 
 def require_host_control(dep: "Deployment") -> None:

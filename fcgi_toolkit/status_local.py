@@ -234,8 +234,11 @@ def gather(dep: "Deployment", rpc: Any, now: Optional[float] = None,
 
 
 def _unavailable_reason(dep: "Deployment", exc: OSError, server_url: Optional[str]) -> str:
-    where = server_url or "unix://" + dep.control_socket
+    from fcgi_toolkit.supervisorconf import control_client
+    where = server_url or control_client(dep).serverurl
     if exc.errno in (errno.ENOENT, errno.ECONNREFUSED):
-        return "supervisord is not running (%s: %s); start it with: fcgi-toolkit run -c %s" % (
-            where, os.strerror(exc.errno), dep.path)
+        start = ("the distribution's supervisord (systemctl start supervisor)"
+                 if dep.control.system_supervisord else "fcgi-toolkit run -c %s" % dep.path)
+        return "supervisord is not running (%s: %s); start it with: %s" % (
+            where, os.strerror(exc.errno), start)
     return "cannot reach supervisord at %s: %s" % (where, exc.strerror or exc)

@@ -88,6 +88,7 @@ def _worker_json(w: WorkerView) -> dict:
 
 
 _HOST_COLUMNS = ("HOST", "WORKER", "STATE", "PID", "AGE", "NOTE")
+_FULL_HOST_COLUMNS = ("HOST", "WORKER", "STATE", "PID", "RSS", "REQS", "AGE", "RECYCLES", "NOTE")
 
 #: Printed under the multi-host table: what it cannot show, and where to look.
 REMOTE_NOTE = ("Remote hosts show supervisord's view only (state, pid, uptime); RSS, requests, "
@@ -98,19 +99,29 @@ REMOTE_NOTE = ("Remote hosts show supervisord's view only (state, pid, uptime); 
 def format_hosts_table(status: DeploymentStatus) -> str:
     """The multi-host table: a row per slot of every host (one row for a
     host that is down), a summary line, then :data:`REMOTE_NOTE`."""
-    rows = [_HOST_COLUMNS]
+    full = any(h.full for h in status.hosts)
+    columns = _FULL_HOST_COLUMNS if full else _HOST_COLUMNS
+    rows = [columns]
     for h in status.hosts:
         if not h.up:
-            rows.append((h.name, "-", "down", "-", "-", h.error or ""))
+            rows.append((h.name, "-", "down") + ("-",) * (len(columns) - 4) + (h.error or "",))
             continue
         for w in h.workers:
-            rows.append((h.name, w.name, w.state, str(w.pid) if w.pid else "-",
-                         format_duration(w.age_seconds), "backup host" if h.backup else ""))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(_HOST_COLUMNS) - 1)]
+            notes = ["backup host"] if h.backup else []
+            if w.inflight:
+                notes.append("%s %s (%s)" % (w.inflight.method, w.inflight.uri,
+                                             format_duration(w.inflight.seconds)))
+            counts = (format_size(w.rss_bytes), "-" if w.requests is None else str(w.requests))
+            rows.append((h.name, w.name, w.state, str(w.pid) if w.pid else "-")
+                        + (counts if full else ()) + (format_duration(w.age_seconds),)
+                        + (("-" if w.recycles is None else str(w.recycles),) if full else ())
+                        + ("; ".join(notes),))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(columns) - 1)]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(r, widths)) + "  " + r[-1]
              for r in rows]
+    note = "" if all(h.full for h in status.hosts if h.up) and full else REMOTE_NOTE + "\n"
     return ("\n".join(line.rstrip() for line in lines) + "\n" + hosts_summary_line(status)
-            + "\n" + REMOTE_NOTE + "\n")
+            + "\n" + note)
 
 
 def hosts_summary_line(status: DeploymentStatus) -> str:

@@ -60,8 +60,11 @@ def proxy(serverurl: str, username: Optional[str] = None, password: Optional[str
 
 
 def control_proxy(dep: Any) -> Any:
-    """The ``supervisor`` namespace over the deployment's private unix socket."""
-    return proxy("unix://" + dep.control_socket).supervisor
+    """The ``supervisor`` namespace of the deployment's supervisord: its own
+    private unix socket, or control.system_supervisord's ``[supervisorctl]``."""
+    from fcgi_toolkit.supervisorconf import control_client
+    client = control_client(dep)
+    return proxy(client.serverurl, client.username or None, client.password or None).supervisor
 
 
 def listener_proxy(env: Mapping[str, str]) -> xmlrpc.client.ServerProxy:

@@ -255,6 +255,8 @@ class Cluster:
         self.log_dir = os.path.join(self.base_dir, "log")
         # Short: unix socket paths are limited to ~100 bytes.
         self.runtime_dir = tempfile.mkdtemp(prefix="fct-")
+        # nginx started by root runs its workers unprivileged: they must reach the socket.
+        os.chmod(self.runtime_dir, 0o755)
         self.port = free_port()
         config = _merge(DEFAULTS, sections)
         config["nginx"].setdefault("listen", "127.0.0.1:%d" % self.port)

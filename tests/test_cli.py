@@ -42,6 +42,10 @@ BAD_FILES = [
      "'8080; include /etc/passwd'"),
     ("socket-not-absolute", GOOD + '[workers]\nsocket = "unix://run/core.sock"\n', "workers.socket",
      "'unix://run/core.sock'"),
+    # Safe defaults (issue 16): an exposed TCP socket, more workers than memory holds.
+    ("exposed-tcp-socket", GOOD + '[workers]\nsocket = "tcp://0.0.0.0:9000"\n', "workers.socket",
+     "'tcp://0.0.0.0:9000'"),
+    ("count-above-memory", GOOD + '[workers]\ncount = 100000\n', "workers.count", "100000"),
 ]
 
 

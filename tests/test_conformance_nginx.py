@@ -577,15 +577,16 @@ def test_throughput_ours_vs_bare_flup(tmp_path, own_clusters, capsys):
         pytest.skip("wrk is not installed")
     from fcgi_toolkit import render
 
-    template = open(os.path.join(render.builtin_template_dir(), "supervisord.conf.j2"),
+    # The program sections (included by supervisord.conf.j2) hold the worker command.
+    template = open(os.path.join(render.builtin_template_dir(), "supervisord-programs.conf.j2"),
                     encoding="utf-8").read()
     if WORKER_COMMAND not in template:
-        pytest.skip("supervisord.conf.j2 changed its worker command; cannot swap in bare flup6")
+        pytest.skip("supervisord-programs.conf.j2 changed its worker command; cannot swap in bare flup6")
     flup_templates = tmp_path / "flup_templates"
     flup_templates.mkdir()
     flup_command = "{{ python }} %s serve -c {{ deploy_path }}" % os.path.join(
         os.path.dirname(os.path.abspath(__file__)), "flup_compare.py")
-    (flup_templates / "supervisord.conf.j2").write_text(template.replace(WORKER_COMMAND, flup_command))
+    (flup_templates / "supervisord-programs.conf.j2").write_text(template.replace(WORKER_COMMAND, flup_command))
 
     results = {}
     for kind in ("ours", "flup6"):

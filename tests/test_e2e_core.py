@@ -19,11 +19,25 @@ from harness import free_port, http_request, wait_for
 pytestmark = [pytest.mark.integration, requires_nginx]
 
 
-def test_http_through_nginx(cluster, tmp_path):
-    static = tmp_path / "static"
-    static.mkdir()
-    (static / "hello.txt").write_text("static hello\n")
-    c = cluster(nginx={"static": {"/static/": str(static)}})
+def nginx_worker_uids(c) -> list[int]:
+    """Real uids of the managed nginx's worker processes (children of its master)."""
+    import psutil
+    infos = c.rpc.supervisor.getProcessInfo("core_nginx")
+    return [p.uids().real for p in psutil.Process(infos["pid"]).children()]
+
+
+def test_http_through_nginx(cluster, tmp_path, request):
+    # Outside pytest's tmp dir (mode 0700): nginx's unprivileged workers serve it.
+    static = tempfile.mkdtemp(prefix="fct-static-")
+    request.addfinalizer(lambda: shutil.rmtree(static, ignore_errors=True))
+    os.chmod(static, 0o755)
+    with open(os.path.join(static, "hello.txt"), "w") as f:
+        f.write("static hello\n")
+    c = cluster(nginx={"static": {"/static/": static}})
+
+    # Safe defaults: started by root or not, nginx's workers never run as root.
+    uids = nginx_worker_uids(c)
+    assert uids and 0 not in uids, uids
 
     r = c.get("/")
     assert r.status == 200 and r.body.startswith(b"hello from ")
@@ -173,6 +187,7 @@ def test_app_that_cannot_import_is_reported_in_the_worker_log(cluster):
 
 def test_demo_runs_and_stops_cleanly_on_sigint():
     directory = tempfile.mkdtemp(prefix="fct-demo-")
+    os.chmod(directory, 0o755)   # mkdtemp's 0700 would keep nginx's unprivileged workers out
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "fcgi_toolkit", "demo", "--port", str(port),
                              "--dir", directory],
@@ -181,6 +196,8 @@ def test_demo_runs_and_stops_cleanly_on_sigint():
     socket_path = os.path.join(directory, "run", "demo.sock")
     try:
         def page():
+            if proc.poll() is not None:
+                raise AssertionError("demo exited: %s" % proc.stdout.read().decode())
             try:
                 r = http_request("127.0.0.1", port, "GET", "/", timeout=5)
             except OSError:

@@ -35,6 +35,7 @@ import pytest
 import fcgiclient
 from conftest import requires_nginx
 from harness import APPS_DIR, LoadGenerator, free_port, http_request, port_open, wait_for
+from fcgi_toolkit import status as status_mod
 from fcgi_toolkit import render, runner, scoreboard, settings
 from supervisor.states import ProcessStates
 from supervisor.xmlrpc import SupervisorTransport
@@ -168,6 +169,7 @@ class MultiHost:
     def __init__(self, base: str):
         self.base = base
         self.runtime_dir = tempfile.mkdtemp(prefix="fct-mh-")
+        os.chmod(self.runtime_dir, 0o755)   # nginx's unprivileged workers write body temp files here
         self.log_dir = os.path.join(base, "log")
         self.port = free_port()
         ports = {name: free_port(ip) for name, ip in HOST_IPS.items()}
@@ -307,11 +309,13 @@ def test_status_on_the_web_server_lists_every_hosts_workers(mh, diagnose):
         assert h["up"] and h["error"] is None
         assert h["control_url"] == "http://%s:%d" % (HOST_IPS[h["name"]], mh.control_port)
         assert [w["name"] for w in h["workers"]] == host.dep.slot_names() == ["mh_00", "mh_01"]
-        running = [w for w in h["workers"] if w["state"] == "running"]
-        # Each host's RUNNING worker, as that host's own supervisord reports it.
+        running = [w for w in h["workers"] if w["state"] in ("ready", "busy")]
+        # Each host's worker as that host sees it: its supervisord, scoreboard and
+        # state file, through its fcgi plugin (fcgi_toolkit.rpcinterface).
         assert h["running"] == len(running) == 1
         assert {w["pid"] for w in running} == host.ready_pids()
-        assert running[0]["age_seconds"] is not None and running[0]["rss_bytes"] is None
+        assert running[0]["age_seconds"] is not None and running[0]["rss_bytes"] > 0
+        assert running[0]["requests"] is not None and running[0]["recycles"] is not None
         assert [w["state"] for w in h["workers"] if w not in running] == ["standby"]
 
     r = status()
@@ -320,6 +324,8 @@ def test_status_on_the_web_server_lists_every_hosts_workers(mh, diagnose):
     assert sorted((row[0], row[1], row[2]) for row in rows) == sorted(
         (h["name"], w["name"], w["state"]) for h in obj["hosts"] for w in h["workers"])
     assert "mh: 3 hosts, 3 up, 0 down; 3/3 workers running" in r.stdout
+    assert r.stdout.splitlines()[0].split()[4:6] == ["RSS", "REQS"]
+    assert status_mod.REMOTE_NOTE not in r.stdout
 
 
 def test_worker_refuses_addresses_not_in_web_servers(mh, diagnose):

@@ -181,15 +181,98 @@ def test_nginx_site_for_prefix(tmp_path):
     assert "fastcgi_read_timeout 2500ms;" in site
 
 
-def test_nginx_user_only_when_root(tmp_path):
+def test_nginx_user_only_when_root_and_never_root(tmp_path):
     _, files = rendered(tmp_path, host=USER_HOST)
     assert "\nuser " not in files["nginx.conf"]
-    _, files = rendered(tmp_path, host=ROOT_HOST)
-    assert "\nuser root;" in files["nginx.conf"]
+    # Root, default socket: nginx runs as the dedicated web user, the socket
+    # gets that user's group (mode 0660 lets nginx in).
+    dep, files = rendered(tmp_path, host=ROOT_HOST)
+    assert "\nuser www-data www-data;" in files["nginx.conf"]
+    fcgi = fcgi_group(dep, files)
+    import grp
+    assert fcgi.socket_config.get_owner() == (0, grp.getgrnam("www-data").gr_gid)
+    # The socket's owner (workers.user is supervisord's default owner) opens it itself.
     _, files = rendered(tmp_path, host=ROOT_HOST, workers={"user": "nobody"})
-    assert "\nuser nobody;" in files["nginx.conf"]
-    _, files = rendered(tmp_path, host=ROOT_HOST, workers={"socket_owner": "www-data:www-data"})
-    assert "\nuser www-data;" in files["nginx.conf"]
+    assert "\nuser nobody nogroup;" in files["nginx.conf"]
+    assert "socket_owner=" not in files["supervisord.conf"]
+    _, files = rendered(tmp_path, host=ROOT_HOST, workers={"socket_owner": "www-data:adm"})
+    assert "\nuser www-data adm;" in files["nginx.conf"]
+    # A root-owned socket with the operator's group: nginx joins that group.
+    _, files = rendered(tmp_path, host=ROOT_HOST, workers={"socket_owner": "root:adm"})
+    assert "\nuser www-data adm;" in files["nginx.conf"]
+    assert "socket_owner=root:adm" in files["supervisord.conf"]
+    # TCP: no socket permissions, still never root.
+    _, files = rendered(tmp_path, host=ROOT_HOST, workers={"socket": "tcp://127.0.0.1:9009"})
+    assert "\nuser www-data www-data;" in files["nginx.conf"]
+    for _, text in files.items():
+        assert "user root" not in text
+
+
+def fcgi_group(dep, files):
+    options = supervisor_parse(dep, files["supervisord.conf"])
+    return [g for g in options.process_group_configs if g.name == dep.name][0]
+
+
+def test_socket_mode_must_let_a_root_started_nginx_in(tmp_path):
+    dep = deployment(tmp_path, workers={"socket_mode": "0600"})
+    render.render_all(dep, USER_HOST, dep.runtime_dir)   # nginx runs as the socket's owner
+    with pytest.raises(ConfigError, match=r"workers.socket_mode = '0600': nginx's workers run as "
+                                          r"www-data \(group www-data\).*group bits"):
+        render.render_all(dep, ROOT_HOST, dep.runtime_dir)
+    dep = deployment(tmp_path, workers={"socket_mode": "0600", "socket_owner": "www-data"})
+    render.render_all(dep, ROOT_HOST, dep.runtime_dir)   # owner bits: fine
+
+
+def test_unknown_socket_owner_is_one_line(tmp_path):
+    dep = deployment(tmp_path, workers={"socket_owner": "no_such_user_x"})
+    with pytest.raises(ConfigError, match="workers.socket_owner = 'no_such_user_x': no such user"):
+        render.render_all(dep, ROOT_HOST, dep.runtime_dir)
+
+
+@pytest.mark.parametrize("socket", ["tcp://0.0.0.0:9000", "tcp://10.1.2.3:9000", "tcp://[::]:9000",
+                                    "tcp://app.example.com:9000"])
+def test_exposed_tcp_socket_needs_web_servers(tmp_path, socket):
+    dep = deployment(tmp_path, workers={"socket": socket})
+    with pytest.raises(ConfigError) as info:
+        render.render_all(dep, USER_HOST, dep.runtime_dir)
+    message = str(info.value)
+    assert message.startswith("%s: workers.socket = %r: " % (dep.path, socket))
+    assert "nginx.web_servers" in message and "\n" not in message
+    dep, files = rendered(tmp_path, workers={"socket": socket}, nginx={"web_servers": ["10.0.0.5"]})
+    assert 'FCGI_WEB_SERVER_ADDRS="10.0.0.5"' in files["supervisord.conf"]
+
+
+@pytest.mark.parametrize("socket", ["tcp://127.0.0.1:9000", "tcp://127.3.0.1:9000", "tcp://[::1]:9000",
+                                    "tcp://localhost:9000"])
+def test_loopback_tcp_socket_needs_no_web_servers(tmp_path, socket):
+    rendered(tmp_path, workers={"socket": socket})
+
+
+SMALL_HOST = render.Host(euid=1000, user="alice", nginx_binary="/usr/sbin/nginx", mime_types="",
+                         cpus=2, memory=4 << 30)
+
+
+def test_count_above_memory_is_refused(tmp_path):
+    # 2 GB per worker, 2 + 1 (a recycle's replacement) alive at the peak: 6 GB > 4 GB.
+    dep = deployment(tmp_path, workers={"count": 2}, limits={"max_rss": "2GB"})
+    with pytest.raises(ConfigError, match=r"workers.count = 2: at the peak of a recycle 3 workers "
+                                          r"run, limits.max_rss = 2\.0GB each"):
+        render.render_all(dep, SMALL_HOST, dep.runtime_dir)
+    dep = deployment(tmp_path, workers={"count": 2}, limits={"max_rss": "1GB"})
+    render.render_all(dep, SMALL_HOST, dep.runtime_dir)
+    # Without max_rss, a worker's own memory still bounds the count.
+    dep = deployment(tmp_path, workers={"count": 100000})
+    with pytest.raises(ConfigError, match="workers.count = 100000: .*an idle worker's own memory"):
+        render.render_all(dep, SMALL_HOST, dep.runtime_dir)
+    # Unknown memory: no check.
+    render.render_all(dep, USER_HOST, dep.runtime_dir)
+
+
+def test_count_above_cpus_is_a_warning(tmp_path):
+    dep = deployment(tmp_path, workers={"count": 9})
+    render.render_all(dep, SMALL_HOST, dep.runtime_dir)
+    assert "workers.count = 9 is more than 4 x this machine's 2 CPUs" in render.capacity_warning(dep, SMALL_HOST)
+    assert render.capacity_warning(deployment(tmp_path, workers={"count": 8}), SMALL_HOST) == ""
 
 
 def test_mime_types_included_or_shipped(tmp_path):

@@ -5,6 +5,7 @@ import errno
 import json
 import os
 import socket
+import xmlrpc.client
 from types import SimpleNamespace
 
 import pytest
@@ -415,11 +416,30 @@ class FakeHostRPC:
         return self.infos
 
 
+class NoFcgi:
+    """The fcgi namespace of a supervisord without our rpcinterface."""
+
+    def status(self):
+        from supervisor.xmlrpc import Faults
+        raise xmlrpc.client.Fault(Faults.UNKNOWN_METHOD, "UNKNOWN_METHOD")
+
+
+class FakeFcgi:
+    """The fcgi namespace (fcgi_toolkit.rpcinterface): answers a status object."""
+
+    def __init__(self, obj):
+        self.obj = obj
+
+    def status(self):
+        return json.dumps(self.obj)
+
+
 class FakeServer:
     """A ServerProxy stand-in: a context manager with a ``supervisor`` attribute."""
 
-    def __init__(self, rpc):
+    def __init__(self, rpc, fcgi=None):
         self.supervisor = rpc
+        self.fcgi = fcgi or NoFcgi()
         self.closed = False
 
     def __enter__(self):
@@ -618,3 +638,45 @@ def test_status_command_multi_host(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert "supervisord is not running" in err
     assert os.path.join("rt", "web1", "supervisor.sock") in err
+
+
+def test_gather_hosts_full_view_through_the_fcgi_plugin(tmp_path):
+    """A host whose supervisord serves fcgi.status() (fcgi_toolkit.rpcinterface)
+    shows RSS, requests, the in-flight request and recycles; one without it
+    keeps supervisord's view, and the table says so."""
+    dep = multi_dep(tmp_path, hosts=[{"name": "web1", "address": "127.0.0.2:9000", "count": 1},
+                                     {"name": "web2", "address": "127.0.0.3:9000", "count": 1}])
+    host_obj = {"group": "wiki", "count": 1, "standby": 1, "ready": 0, "recycles": 3, "generated_at": NOW,
+                "workers": [
+                    {"name": "wiki_00", "state": "busy", "supervisor_state": "RUNNING", "pid": 100,
+                     "rss_bytes": 5 << 30, "requests": 17, "age_seconds": 30.0,
+                     "inflight": {"method": "GET", "uri": "/slow?s=5", "seconds": 2.1},
+                     "recycles": 3, "last_reason": "requests 1043 >= 1021", "last_recycle_time": NOW - 5},
+                    {"name": "wiki_01", "state": "standby", "supervisor_state": "STOPPED", "pid": None,
+                     "rss_bytes": None, "requests": None, "age_seconds": None, "inflight": None,
+                     "recycles": 0, "last_reason": None, "last_recycle_time": None}]}
+    web1 = FakeHostRPC("wiki_web1", [remote_info("wiki_00", ProcessStates.RUNNING, 100, age=30)])
+    web2 = FakeHostRPC("wiki_web2", [remote_info("wiki_00", ProcessStates.RUNNING, 200, age=9)])
+    servers = {"http://127.0.0.2:9001": FakeServer(web1, FakeFcgi(host_obj)),
+               "http://127.0.0.3:9001": FakeServer(web2)}
+    d = gather_hosts(dep, connect=servers.__getitem__, now=NOW)
+    h1, h2 = d.hosts
+    assert h1.full and not h2.full
+    w = h1.workers[0]
+    assert (w.state, w.rss_bytes, w.requests, w.recycles) == ("busy", 5 << 30, 17, 3)
+    assert w.inflight == status.Inflight("GET", "/slow?s=5", 2.1)
+    assert h2.workers[0].rss_bytes is None and h2.workers[0].state == "running"
+
+    lines = format_hosts_table(d).splitlines()
+    assert lines[0].split() == ["HOST", "WORKER", "STATE", "PID", "RSS", "REQS", "AGE", "RECYCLES", "NOTE"]
+    assert lines[1].split() == ["web1", "wiki_00", "busy", "100", "5.0GB", "17", "30s", "3",
+                                "GET", "/slow?s=5", "(2.1s)"]
+    assert lines[3].split()[:8] == ["web2", "wiki_00", "running", "200", "-", "-", "9.0s", "-"]
+    assert lines[-1] == status.REMOTE_NOTE   # web2 has no plugin
+    obj = hosts_to_json(d)
+    assert obj["hosts"][0]["workers"][0]["rss_bytes"] == 5 << 30
+    assert obj["hosts"][0]["workers"][0]["inflight"]["uri"] == "/slow?s=5"
+    # Every host with the plugin: no note.
+    servers["http://127.0.0.3:9001"] = FakeServer(web2, FakeFcgi(dict(host_obj, workers=host_obj["workers"][:1])))
+    text = format_hosts_table(gather_hosts(dep, connect=servers.__getitem__, now=NOW))
+    assert status.REMOTE_NOTE not in text

@@ -61,7 +61,9 @@ def venv(tmp_path_factory):
 
 def test_wheel_contains_the_templates(venv):
     names = zipfile.ZipFile(venv["wheel"]).namelist()
-    for template in render.FILES.values():
+    included = ("supervisord-programs.conf.j2", "supervisord-fragment.conf.j2",
+                "supervisorctl.conf.j2", "systemd.service.j2")   # install's and the include
+    for template in tuple(render.FILES.values()) + included:
         assert "fcgi_toolkit/templates/%s" % template in names
 
 
