@@ -21,13 +21,12 @@ import argparse
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 from typing import Optional, TextIO
 
-from fcgi_toolkit import render, settings
+from fcgi_toolkit import leftovers, render, settings
 from fcgi_toolkit.settings import ConfigError, Deployment
 
 _FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -75,7 +74,8 @@ def banner(dep: Deployment) -> str:
                      % ", ".join(dep.nginx.web_servers))
     lines.append("  logs:    %s" % dep.log_dir)
     lines.append("  control: supervisorctl -c %s status" % dep.supervisord_conf)
-    lines.append("  stop:    Ctrl-C (or kill -TERM %d)" % os.getpid())
+    lines.append("  stop:    Ctrl-C (or kill -TERM %d, or fcgi-toolkit stop -c %s)"
+                 % (os.getpid(), dep.path))
     return "\n".join(lines)
 
 
@@ -116,6 +116,10 @@ def supervise(dep: Deployment, stream: TextIO = sys.stderr) -> int:
     _remove_stale_socket(dep)
     if received:
         print("fcgi-toolkit: stopped (supervisord exit status %d)" % status, file=stream)
+    elif status < 0:
+        print("fcgi-toolkit: supervisord was killed (%s); its workers drain and exit by themselves; "
+              "`fcgi-toolkit run -c %s` starts it again" % (signal.Signals(-status).name, dep.path),
+              file=stream)
     # A negative status means supervisord died by a signal: report it shell-style.
     return status if status >= 0 else 128 - status
 
@@ -134,24 +138,19 @@ def add_arguments_run(parser: argparse.ArgumentParser) -> None:
 
 def already_running(dep: Deployment) -> bool:
     """Whether a supervisord answers on this deployment's control socket."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        s.settimeout(2)
-        s.connect(dep.control_socket)
-        return True
-    except OSError:
-        return False  # no socket file, or a stale one (ECONNREFUSED)
-    finally:
-        s.close()
+    return leftovers.answers(dep.control_socket)
 
 
 def run_run(args: argparse.Namespace) -> int:
     dep = settings.load(args.config)
     check_runnable(dep)
     if already_running(dep):
-        print("fcgi-toolkit: %s is already running (%s answers); stop it first"
-              % (dep.name, dep.control_socket), file=sys.stderr)
+        print("fcgi-toolkit: %s is already running (%s answers); stop it first "
+              "(fcgi-toolkit stop -c %s)" % (dep.name, dep.control_socket, dep.path),
+              file=sys.stderr)
         return 1
+    # What a supervisord killed hard left behind; a foreign holder of an address: exit 2.
+    leftovers.clear_for_start(dep)
     prepare(dep)
     return supervise(dep)
 
@@ -214,6 +213,7 @@ def run_demo(args: argparse.Namespace) -> int:
             print("fcgi-toolkit demo: nginx not found, so no HTTP server; talk FastCGI to the socket:\n"
                   "  SCRIPT_NAME= PATH_INFO=/ REQUEST_METHOD=GET QUERY_STRING= "
                   "cgi-fcgi -bind -connect %s" % dep.socket_path, file=sys.stderr)
+        leftovers.clear_for_start(dep)
         prepare(dep)
         return supervise(dep)
     finally:
