@@ -254,7 +254,9 @@ def _holder(match: Callable[[object], bool], kind: str) -> str:
     for conn in conns:
         if conn.pid and match(conn):
             try:
-                cmd = " ".join(psutil.Process(conn.pid).cmdline()) or "?"
+                # One line, whatever the command line holds (newlines, control characters).
+                words = " ".join(psutil.Process(conn.pid).cmdline()).split()
+                cmd = "".join(ch for ch in " ".join(words) if ch.isprintable()) or "?"
             except psutil.Error:
                 cmd = "?"
             return "pid %d (%s)" % (conn.pid, cmd[:80])
