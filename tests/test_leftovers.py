@@ -1,0 +1,205 @@
+"""Tiers 1 and 2 of issue #13: which processes are the deployment's, the one
+line about a previous life, the lifeline's decisions, and the lifeline as a
+real process (also as another user) whose parent is SIGKILLed."""
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import toml_dumps, wait_for  # noqa: E402
+
+import fcgi_toolkit  # noqa: E402
+from fcgi_toolkit import leftovers, lifeline, settings  # noqa: E402
+from fcgi_toolkit.leftovers import Kind, Leftover, Remains  # noqa: E402
+
+SIG = leftovers.Signature(deploy_path="/srv/app/deploy.toml",
+                          supervisord_conf="/run/app/supervisord.conf",
+                          pidfile="/run/app/supervisord.pid",
+                          nginx_conf="/run/app/nginx.conf")
+PY = "/venv/bin/python"
+
+
+@pytest.mark.parametrize("cmdline,kind", [
+    ([PY, "-m", "supervisor.supervisord", "-n", "-c", SIG.supervisord_conf], Kind.SUPERVISORD),
+    (["/usr/bin/supervisord", "-c", SIG.supervisord_conf], Kind.SUPERVISORD),
+    ([PY, "-m", "fcgi_toolkit", "worker", "-c", SIG.deploy_path, "--slot", "1"], Kind.WORKER),
+    ([PY, "-m", "fcgi_toolkit", "listener", "-c", SIG.deploy_path], Kind.WATCHDOG),
+    ([PY, "-m", "fcgi_toolkit", "metrics", "-c", SIG.deploy_path], Kind.METRICS),
+    ([PY, "-m", "fcgi_toolkit", "lifeline", "--pidfile", SIG.pidfile, "--signal", "QUIT", "--",
+      "/usr/sbin/nginx", "-c", SIG.nginx_conf], Kind.NGINX),
+    (["/usr/sbin/nginx", "-c", SIG.nginx_conf], Kind.NGINX),
+    # nginx rewrites its title into one string
+    (["nginx: master process /usr/sbin/nginx -c %s" % SIG.nginx_conf], Kind.NGINX),
+])
+def test_classify_the_commands_supervisord_runs(cmdline, kind):
+    assert leftovers.classify(cmdline, SIG) is kind
+
+
+@pytest.mark.parametrize("cmdline", [
+    [],
+    [PY, "-m", "fcgi_toolkit", "worker", "-c", "/srv/other/deploy.toml", "--slot", "1"],
+    [PY, "-m", "supervisor.supervisord", "-n", "-c", "/run/other/supervisord.conf"],
+    # an operator's commands on the same file are not the deployment's processes
+    [PY, "-m", "fcgi_toolkit", "run", "-c", SIG.deploy_path],
+    [PY, "-m", "fcgi_toolkit", "stop", "-c", SIG.deploy_path],
+    ["/usr/bin/fcgi-toolkit", "status", "-c", SIG.deploy_path],
+    ["vim", SIG.deploy_path],
+    ["/usr/sbin/nginx", "-c", "/etc/nginx/nginx.conf"],
+    ["nginx: worker process"],
+    [PY, "-m", "fcgi_toolkit", "lifeline", "--pidfile", "/run/other/supervisord.pid", "--", "nginx"],
+])
+def test_classify_leaves_other_processes_alone(cmdline):
+    assert leftovers.classify(cmdline, SIG) is None
+
+
+def test_describe_says_what_was_found_in_one_line():
+    remains = Remains(pidfile_pid=100, control_socket=True, processes=(
+        Leftover(102, Kind.WORKER, 0.0), Leftover(101, Kind.WORKER, 0.0),
+        Leftover(103, Kind.WATCHDOG, 0.0), Leftover(104, Kind.NGINX, 0.0)))
+    line = leftovers.describe("wiki", remains, 10.0)
+    assert "\n" not in line
+    assert line == ("fcgi-toolkit: wiki: a previous supervisord left pid file (supervisord pid 100, "
+                    "gone), a control socket nobody answers, worker 101 102, watchdog 103, nginx 104; "
+                    "ending them (graceful signal, SIGKILL after 10s)")
+    alive = Remains(100, False, (Leftover(100, Kind.SUPERVISORD, 0.0),))
+    assert "pid 100, still alive" in leftovers.describe("wiki", alive, 2.5)
+    files_only = leftovers.describe("wiki", Remains(100, True, ()), 10.0)
+    assert files_only.endswith("; no process left")
+    assert Remains(None, False, ()).empty and not Remains(None, True, ()).empty
+
+
+def test_graceful_signals():
+    assert leftovers.GRACEFUL_SIGNAL[Kind.NGINX] == signal.SIGQUIT
+    assert {leftovers.GRACEFUL_SIGNAL[k] for k in Kind if k is not Kind.NGINX} == {signal.SIGTERM}
+
+
+# -- lifeline: pure decisions --------------------------------------------------
+
+def test_read_pid(tmp_path):
+    p = tmp_path / "x.pid"
+    assert lifeline.read_pid(str(p)) is None
+    p.write_text("1234\n")
+    assert lifeline.read_pid(str(p)) == 1234
+    for bad in ("", "abc", "-5", "0", "12 13"):
+        p.write_text(bad)
+        assert lifeline.read_pid(str(p)) is None, bad
+
+
+def test_orphaned_before_arming(tmp_path):
+    pidfile = tmp_path / "supervisord.pid"
+    pidfile.write_text("500\n")
+    under = {"SUPERVISOR_ENABLED": "1"}
+    assert lifeline.orphaned_before_arming(str(pidfile), 1, under)
+    assert not lifeline.orphaned_before_arming(str(pidfile), 500, under)
+    assert not lifeline.orphaned_before_arming(str(pidfile), 1, {}), "not run by supervisord"
+    assert not lifeline.orphaned_before_arming(str(tmp_path / "none"), 1, under), "nothing to compare"
+
+
+def test_parent_watch_fires_once_when_the_parent_changes():
+    ppid = [40]
+    calls = []
+    watch = lifeline.ParentWatch(40, lambda: calls.append(1), getppid=lambda: ppid[0])
+    assert watch.check() is False and calls == []
+    ppid[0] = 1
+    assert watch.check() is True and calls == [1]
+    assert watch.check() is True and calls == [1], "fires once"
+
+
+def test_deployment_knows_its_pid_file(tmp_path):
+    path = tmp_path / "deploy.toml"
+    path.write_text(toml_dumps({"app": {"name": "w", "wsgi": "m:app"},
+                                "runtime": {"dir": str(tmp_path / "run")}}))
+    dep = settings.load(str(path))
+    assert dep.supervisord_pidfile == os.path.join(dep.runtime_dir, "supervisord.pid")
+    assert leftovers.Signature.of(dep).pidfile == dep.supervisord_pidfile
+
+
+# -- lifeline as a process: its parent is SIGKILLed --------------------------------
+
+#: The child: arms the lifeline (or only one of its two mechanisms), then waits for its
+#: SIGTERM, which its handler turns into a clean exit (as a worker drains).
+#: Its stdout is the test's pipe, inherited through the parent.
+CHILD = textwrap.dedent("""
+    import os, signal, sys, time
+    from fcgi_toolkit import lifeline
+    stop = []
+    signal.signal(signal.SIGTERM, lambda s, f: stop.append(s))
+    if sys.argv[1] == "guard":
+        lifeline.guard(signal.SIGTERM, "/nonexistent/supervisord.pid")
+    elif sys.argv[1] == "pdeathsig":
+        assert lifeline.set_parent_death_signal(signal.SIGTERM)
+    else:
+        lifeline.ParentWatch(os.getppid(), lambda: os.kill(os.getpid(), signal.SIGTERM)).start()
+    print("armed uid=%d" % os.getuid(), flush=True)
+    deadline = time.monotonic() + 30
+    while not stop and time.monotonic() < deadline:
+        time.sleep(0.05)
+    print("stopped by SIGTERM" if stop else "no signal", flush=True)
+""")
+
+#: The parent (standing in for supervisord): starts the child, as ``user=``
+#: does (setuid before exec), and waits to be killed.
+PARENT = textwrap.dedent("""
+    import subprocess, sys, time
+    subprocess.Popen([sys.argv[1], "-c", sys.argv[2], sys.argv[4]], user=sys.argv[3] or None,
+                     env={"PYTHONPATH": sys.argv[5]}, cwd="/")
+    time.sleep(60)
+""")
+
+
+def _nobody_can_run(python: str) -> bool:
+    try:
+        pwd.getpwnam("nobody")
+    except KeyError:
+        return False
+    return os.geteuid() == 0 and os.access(python, os.X_OK)
+
+
+@pytest.mark.parametrize("user,mode", [("", "guard"), ("", "watch"), ("", "pdeathsig"),
+                                       ("nobody", "guard"), ("nobody", "pdeathsig")],
+                         ids=["same-user", "parent-watch-only", "signal-only",
+                              "as-nobody", "as-nobody-signal-only"])
+def test_child_stops_when_its_parent_is_killed(request, user, mode):
+    python = sys.executable
+    if user:
+        # The test venv's interpreter lives under /root here; the system one
+        # can run lifeline.py (standard library only) as nobody.
+        python = "/usr/bin/python3"
+        if not _nobody_can_run(python):
+            pytest.skip("needs root, a nobody user and /usr/bin/python3")
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(fcgi_toolkit.__file__)))
+    if user:
+        # The package as installed for the tests may sit in a private directory
+        # (.tox is 0700): give the other user a readable copy of the two files.
+        package_root = tempfile.mkdtemp(prefix="fct-lifeline-")
+        request.addfinalizer(lambda: shutil.rmtree(package_root, ignore_errors=True))
+        os.chmod(package_root, 0o755)
+        os.makedirs(os.path.join(package_root, "fcgi_toolkit"), mode=0o755)
+        for name in ("__init__.py", "lifeline.py"):
+            shutil.copy(os.path.join(os.path.dirname(fcgi_toolkit.__file__), name),
+                        os.path.join(package_root, "fcgi_toolkit", name))
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, python, CHILD, user, mode, package_root],
+                              stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    try:
+        armed = parent.stdout.readline().decode()
+        uid = pwd.getpwnam(user).pw_uid if user else os.getuid()
+        assert armed == "armed uid=%d\n" % uid, armed
+        parent.kill()
+        parent.wait(10)
+        # EOF once the child is gone too: it held the pipe.  Bounded: the
+        # child gives up after 30 s and says so.
+        rest = parent.stdout.read().decode()
+        assert rest == "stopped by SIGTERM\n", rest
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait(10)
