@@ -145,13 +145,18 @@ def _signal_self(signum: int, supervisord: int) -> Callable[[], None]:
 
 def guard(signum: int, pidfile: str) -> ParentWatch:
     """Arm both mechanisms for this process: on supervisord's death it gets
-    ``signum``.  Install the handler for ``signum`` first (its default action
+    ``signum`` (the parent-death signal only when supervisord started us,
+    the watch whatever the parent).  Install the handler for ``signum`` first (its default action
     would end the process at once).  When supervisord is gone already, the
     signal is sent at once."""
-    armed = set_parent_death_signal(signum)
+    # The kernel watches the parent *thread*: supervisord has one.  A process
+    # started by hand (a test, a benchmark) may have been forked by a thread
+    # that ends long before its parent process: the watch alone covers it.
+    under_supervisord = "SUPERVISOR_ENABLED" in os.environ
+    armed = under_supervisord and set_parent_death_signal(signum)
     parent = os.getppid()
     stop_self = _signal_self(signum, parent)
-    if not armed:
+    if under_supervisord and not armed:
         log.warning("no parent-death signal on this system: watching the parent pid %d "
                     "every %.1fs", parent, WATCH_INTERVAL)
     watch = ParentWatch(parent, stop_self)

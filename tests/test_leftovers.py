@@ -151,7 +151,7 @@ CHILD = textwrap.dedent("""
 PARENT = textwrap.dedent("""
     import subprocess, sys, time
     subprocess.Popen([sys.argv[1], "-c", sys.argv[2], sys.argv[4]], user=sys.argv[3] or None,
-                     env={"PYTHONPATH": sys.argv[5]}, cwd="/")
+                     env={"PYTHONPATH": sys.argv[5], "SUPERVISOR_ENABLED": "1"}, cwd="/")
     time.sleep(60)
 """)
 
