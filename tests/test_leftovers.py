@@ -203,3 +203,34 @@ def test_child_stops_when_its_parent_is_killed(request, user, mode):
         if parent.poll() is None:
             parent.kill()
             parent.wait(10)
+
+
+# -- the exec wrapper -----------------------------------------------------------
+
+def _lifeline(tmp_path, *args, env=None):
+    return subprocess.run([sys.executable, "-m", "fcgi_toolkit", "lifeline",
+                           "--pidfile", str(tmp_path / "supervisord.pid"), *args],
+                          capture_output=True, text=True, timeout=30,
+                          env=dict(os.environ, **(env or {})))
+
+
+def test_lifeline_execs_the_program(tmp_path):
+    r = _lifeline(tmp_path, "--signal", "QUIT", "--", "/bin/sh", "-c", "echo started $0", "x")
+    assert r.returncode == 0 and r.stdout == "started x\n", r.stderr
+
+
+@pytest.mark.parametrize("args,code,message", [
+    ((), 2, "no program given"),
+    (("--signal", "NOPE", "--", "/bin/true"), 2, "--signal NOPE"),
+    (("--", "/nonexistent/program"), 127, "cannot run /nonexistent/program"),
+])
+def test_lifeline_refuses_with_one_line(tmp_path, args, code, message):
+    r = _lifeline(tmp_path, *args)
+    assert r.returncode == code and message in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr
+
+
+def test_lifeline_does_not_start_a_program_for_a_supervisord_gone_already(tmp_path):
+    (tmp_path / "supervisord.pid").write_text("%d\n" % (os.getpid() + 1))   # not our parent
+    r = _lifeline(tmp_path, "--", "/bin/sh", "-c", "echo started", env={"SUPERVISOR_ENABLED": "1"})
+    assert r.returncode == 1 and r.stdout == "", r.stdout
+    assert "supervisord is gone; not starting /bin/sh" in r.stderr
