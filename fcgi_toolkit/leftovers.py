@@ -171,8 +171,8 @@ def scan(dep: Deployment) -> list[Leftover]:
 
     def add(proc: "psutil.Process", kind: Kind) -> None:
         try:
-            if proc.pid in exclude or proc.pid in found:
-                return
+            if proc.pid in exclude or proc.pid in found or proc.status() == psutil.STATUS_ZOMBIE:
+                return   # a zombie has ended: only its reaping is left
             found[proc.pid] = Leftover(proc.pid, kind, proc.create_time())
             for child in proc.children(recursive=True):
                 if child.pid not in exclude and child.pid not in found:
@@ -264,7 +264,8 @@ def _holder(match: Callable[[object], bool], kind: str) -> str:
 
 
 def tcp_in_use(host: str, port: int) -> bool:
-    """Whether binding host:port fails with EADDRINUSE (SO_REUSEADDR, as supervisord and nginx bind)."""
+    """Whether binding host:port fails with EADDRINUSE (SO_REUSEADDR, as
+    supervisord and nginx bind); other bind errors are raised."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -285,7 +286,12 @@ def _tcp_address(value: str) -> tuple[str, int]:
 
 def _check_tcp(dep: Deployment, key: str, value: str, address: str) -> None:
     host, port = _tcp_address(address)
-    if tcp_in_use(host, port):
+    try:
+        busy = tcp_in_use(host, port)
+    except OSError as exc:   # e.g. EADDRNOTAVAIL: not an address of this machine
+        raise ConfigError("%s: %s = %r: cannot bind %s:%d: %s"
+                          % (dep.path, key, value, host, port, exc.strerror)) from None
+    if busy:
         holder = _holder(lambda c: c.status == "LISTEN" and c.laddr and c.laddr.port == port, "tcp")
         raise ConfigError("%s: %s = %r: %s:%d is in use by %s, which is not part of this "
                           "deployment; stop it or choose another address"

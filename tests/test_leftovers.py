@@ -15,7 +15,7 @@ import textwrap
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import toml_dumps, wait_for  # noqa: E402
+from harness import toml_dumps  # noqa: E402
 
 import fcgi_toolkit  # noqa: E402
 from fcgi_toolkit import leftovers, lifeline, settings  # noqa: E402
@@ -234,3 +234,54 @@ def test_lifeline_does_not_start_a_program_for_a_supervisord_gone_already(tmp_pa
     r = _lifeline(tmp_path, "--", "/bin/sh", "-c", "echo started", env={"SUPERVISOR_ENABLED": "1"})
     assert r.returncode == 1 and r.stdout == "", r.stdout
     assert "supervisord is gone; not starting /bin/sh" in r.stderr
+
+
+# -- addresses held by another program ---------------------------------------------
+
+def _dep(tmp_path, socket_url: str):
+    path = tmp_path / "deploy.toml"
+    path.write_text(toml_dumps({"app": {"name": "w", "wsgi": "m:app"},
+                                "workers": {"socket": socket_url},
+                                "nginx": {"managed": False},
+                                "runtime": {"dir": str(tmp_path / "run")}}))
+    return settings.load(str(path))
+
+
+def test_a_busy_tcp_address_names_its_holder(tmp_path):
+    import socket
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen(1)
+        port = held.getsockname()[1]
+        dep = _dep(tmp_path, "tcp://127.0.0.1:%d" % port)
+        with pytest.raises(settings.ConfigError) as err:
+            leftovers.check_addresses(dep)
+    line = str(err.value)
+    assert "\n" not in line and "workers.socket = 'tcp://127.0.0.1:%d'" % port in line
+    assert "in use by pid %d (" % os.getpid() in line
+    leftovers.check_addresses(dep)   # free again
+
+
+def test_an_address_not_of_this_machine_is_one_line(tmp_path):
+    dep = _dep(tmp_path, "tcp://192.0.2.1:9000")   # TEST-NET-1: never local
+    with pytest.raises(settings.ConfigError, match=r"workers.socket = 'tcp://192.0.2.1:9000': "
+                                                   r"cannot bind 192.0.2.1:9000: "):
+        leftovers.check_addresses(dep)
+
+
+def test_unix_socket_path_checks(tmp_path):
+    import socket
+    path = tmp_path / "s.sock"
+    dep = _dep(tmp_path, "unix://%s" % path)
+    leftovers.check_addresses(dep)            # nothing there
+    path.write_text("not a socket")
+    with pytest.raises(settings.ConfigError, match="exists and is not a socket"):
+        leftovers.check_addresses(dep)
+    path.unlink()
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(path))
+        s.listen(1)
+        with pytest.raises(settings.ConfigError, match=r"is served by pid %d " % os.getpid()):
+            leftovers.check_addresses(dep)
+    leftovers.check_addresses(dep)            # a stale socket file: supervisord replaces it
+    assert path.exists()

@@ -20,7 +20,7 @@ import psutil
 import pytest
 
 from conftest import requires_nginx
-from harness import Cluster, free_port, http_request, wait_for
+from harness import Cluster, free_port, wait_for
 
 from fcgi_toolkit import leftovers
 
