@@ -5,7 +5,11 @@ starts ``supervisord -n`` as a child in its own session.  SIGINT and SIGTERM
 received by this process are forwarded to supervisord (the handlers only
 record the signal; the wait loop forwards it), which stops nginx, the
 watchdog and the workers gracefully.  When supervisord has exited, a socket
-file it left behind is removed and its exit status becomes ours.
+file it left behind is removed and its exit status becomes ours.  Before it
+starts supervisord, ``run`` ends what a supervisord killed hard left behind
+and refuses (exit 2) an address held by another program
+(:mod:`fcgi_toolkit.leftovers`).  If ``run`` itself is killed, supervisord
+(its own session) keeps running: ``fcgi-toolkit stop`` stops it.
 
 With ``[[hosts]]``, ``run`` runs one host: ``FCGI_TOOLKIT_HOST=NAME
 fcgi-toolkit run`` starts that host's supervisord (workers, watchdog, no
