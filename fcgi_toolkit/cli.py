@@ -27,9 +27,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "worker": ("fcgi_toolkit.worker", "serve the app on the inherited FastCGI socket (used by supervisord)"),
     "listener": ("fcgi_toolkit.listener", "the watchdog event listener (used by supervisord)"),
     "status": ("fcgi_toolkit.status", "show every worker slot: state, RSS, requests, in-flight request"),
+    "stop": ("fcgi_toolkit.leftovers", "stop a deployment: supervisord's graceful shutdown, then anything left"),
     "recycle": ("fcgi_toolkit.control", "gracefully replace one worker, capacity held"),
     "reload": ("fcgi_toolkit.control", "rolling restart of every worker, capacity held"),
     "metrics": ("fcgi_toolkit.metrics", "serve Prometheus metrics of the group (used by supervisord)"),
+    "lifeline": ("fcgi_toolkit.lifeline", "exec a program that stops when supervisord dies (used by supervisord)"),
     "settings-table": ("fcgi_toolkit.deployfile", "print the settings table for README.rst"),
 }
 

@@ -9,7 +9,8 @@ the timer and shortly after each PROCESS_STATE event.  Between passes it
 also wakes every ``coordinator.poll_interval()`` seconds (when not 0) and
 runs a pass at once if ``coordinator.urgent()`` says so (a worker published
 an RSS over the limit).  SIGTERM/SIGINT only set a flag; the loop exits at
-the next wake-up.
+the next wake-up.  When supervisord dies, stdin reaches end of input and the
+loop ends; :mod:`fcgi_toolkit.lifeline` also sends SIGTERM.
 """
 from __future__ import annotations
 
@@ -131,7 +132,7 @@ def _set_stopping(listener: Listener) -> Callable[[int, Any], None]:
 
 def run(args: argparse.Namespace) -> int:
     # Imported here: these pull in psutil; the CLI stays light for other commands.
-    from fcgi_toolkit import settings, supervisord
+    from fcgi_toolkit import lifeline, settings, supervisord
     from fcgi_toolkit.coordinator import Coordinator
     from fcgi_toolkit.policy import Limits
     from fcgi_toolkit.sampler import Sampler
@@ -150,6 +151,9 @@ def run(args: argparse.Namespace) -> int:
     listener = Listener(coordinator, EventStream(sys.stdin.buffer), sys.stdout)
     signal.signal(signal.SIGTERM, _set_stopping(listener))
     signal.signal(signal.SIGINT, _set_stopping(listener))
+    # supervisord's death closes our stdin (the loop ends at end of input); the
+    # lifeline's SIGTERM also ends it if a pass is under way when it dies.
+    lifeline.guard(signal.SIGTERM, dep.supervisord_pidfile)
     log.info("watchdog for %s: %d workers + %d standby, check every %ss",
              dep.name, dep.workers.count, dep.workers.standby, dep.recycle.check_interval)
     return listener.run()

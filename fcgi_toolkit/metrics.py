@@ -33,8 +33,8 @@ import time
 import xmlrpc.client
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional
 
+from fcgi_toolkit import lifeline, supervisord
 from fcgi_toolkit import status as status_mod
-from fcgi_toolkit import supervisord
 from fcgi_toolkit.converters import loopback_address
 
 if TYPE_CHECKING:
@@ -157,6 +157,7 @@ def run(args: argparse.Namespace) -> int:
     registry = make_registry(GroupCollector(dep, lambda: supervisord.control_proxy(dep)))
     signal.signal(signal.SIGTERM, _Stop.handler)
     signal.signal(signal.SIGINT, _Stop.handler)
+    lifeline.guard(signal.SIGTERM, dep.supervisord_pidfile)   # supervisord's death stops us too
     try:
         server, thread = start_http_server(port, addr=host, registry=registry)
     except OSError as exc:

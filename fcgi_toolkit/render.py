@@ -158,9 +158,18 @@ def _inet_port(value: str) -> str:
     return value if ":" in value else "127.0.0.1:" + value
 
 
+def stop_waits(dep: Deployment) -> dict[str, int]:
+    """supervisord's stopwaitsecs for each program: the workers drain within
+    graceful_timeout, nginx finishes a request within read_timeout."""
+    return {"workers": int(math.ceil(dep.workers.graceful_timeout)) + 5,
+            "nginx": int(math.ceil(dep.nginx.read_timeout)) + 5,
+            "watchdog": 10, "metrics": 10}
+
+
 def context(dep: Deployment, host: Host, conf_dir: str) -> dict:
     """The template context: the deployment's plus what the templates derive."""
     ctx = dep.context()
+    waits = stop_waits(dep)
     location = dep.nginx.location
     identity = nginx_identity(dep, host)
     ctx.update(
@@ -174,8 +183,10 @@ def context(dep: Deployment, host: Host, conf_dir: str) -> dict:
         nginx_user="%s %s" % (identity.user, identity.group) if identity else "",
         nginx_worker_processes=1,
         mime_types=host.mime_types,
-        stopwaitsecs=int(math.ceil(dep.workers.graceful_timeout)) + 5,
-        nginx_stopwaitsecs=int(math.ceil(dep.nginx.read_timeout)) + 5,
+        stopwaitsecs=waits["workers"],
+        nginx_stopwaitsecs=waits["nginx"],
+        watchdog_stopwaitsecs=waits["watchdog"],
+        metrics_stopwaitsecs=waits["metrics"],
         inet_port=_inet_port(dep.control.inet_port) if dep.control.inet_port else "",
         upstream_server=("unix:" + dep.socket_path if dep.socket_is_unix
                          else dep.socket_url[len("tcp://"):]),

@@ -5,7 +5,11 @@ starts ``supervisord -n`` as a child in its own session.  SIGINT and SIGTERM
 received by this process are forwarded to supervisord (the handlers only
 record the signal; the wait loop forwards it), which stops nginx, the
 watchdog and the workers gracefully.  When supervisord has exited, a socket
-file it left behind is removed and its exit status becomes ours.
+file it left behind is removed and its exit status becomes ours.  Before it
+starts supervisord, ``run`` ends what a supervisord killed hard left behind
+and refuses (exit 2) an address held by another program
+(:mod:`fcgi_toolkit.leftovers`).  If ``run`` itself is killed, supervisord
+(its own session) keeps running: ``fcgi-toolkit stop`` stops it.
 
 With ``[[hosts]]``, ``run`` runs one host: ``FCGI_TOOLKIT_HOST=NAME
 fcgi-toolkit run`` starts that host's supervisord (workers, watchdog, no
@@ -21,13 +25,12 @@ import argparse
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 from typing import Optional, TextIO
 
-from fcgi_toolkit import render, settings
+from fcgi_toolkit import leftovers, render, settings
 from fcgi_toolkit.settings import ConfigError, Deployment
 
 _FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -93,7 +96,8 @@ def banner(dep: Deployment) -> str:
                      % ", ".join(dep.nginx.web_servers))
     lines.append("  logs:    %s" % dep.log_dir)
     lines.append("  control: supervisorctl -c %s status" % dep.supervisord_conf)
-    lines.append("  stop:    Ctrl-C (or kill -TERM %d)" % os.getpid())
+    lines.append("  stop:    Ctrl-C (or kill -TERM %d, or fcgi-toolkit stop -c %s)"
+                 % (os.getpid(), dep.path))
     return "\n".join(lines)
 
 
@@ -134,6 +138,10 @@ def supervise(dep: Deployment, stream: TextIO = sys.stderr) -> int:
     _remove_stale_socket(dep)
     if received:
         print("fcgi-toolkit: stopped (supervisord exit status %d)" % status, file=stream)
+    elif status < 0:
+        print("fcgi-toolkit: supervisord was killed (%s); its workers drain and exit by themselves; "
+              "`fcgi-toolkit run -c %s` starts it again" % (signal.Signals(-status).name, dep.path),
+              file=stream)
     # A negative status means supervisord died by a signal: report it shell-style.
     return status if status >= 0 else 128 - status
 
@@ -152,24 +160,19 @@ def add_arguments_run(parser: argparse.ArgumentParser) -> None:
 
 def already_running(dep: Deployment) -> bool:
     """Whether a supervisord answers on this deployment's control socket."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        s.settimeout(2)
-        s.connect(dep.control_socket)
-        return True
-    except OSError:
-        return False  # no socket file, or a stale one (ECONNREFUSED)
-    finally:
-        s.close()
+    return leftovers.answers(dep.control_socket)
 
 
 def run_run(args: argparse.Namespace) -> int:
     dep = settings.load(args.config)
     check_runnable(dep)
     if already_running(dep):
-        print("fcgi-toolkit: %s is already running (%s answers); stop it first"
-              % (dep.name, dep.control_socket), file=sys.stderr)
+        print("fcgi-toolkit: %s is already running (%s answers); stop it first "
+              "(fcgi-toolkit stop -c %s)" % (dep.name, dep.control_socket, dep.path),
+              file=sys.stderr)
         return 1
+    # What a supervisord killed hard left behind; a foreign holder of an address: exit 2.
+    leftovers.clear_for_start(dep)
     host = render.Host.probe(dep)
     prepare(dep, host)
     warning = render.capacity_warning(dep, host)
@@ -240,6 +243,7 @@ def run_demo(args: argparse.Namespace) -> int:
                   "  SCRIPT_NAME= PATH_INFO=/ REQUEST_METHOD=GET QUERY_STRING= "
                   "cgi-fcgi -bind -connect %s" % dep.socket_path, file=sys.stderr)
         check_runnable(dep)
+        leftovers.clear_for_start(dep)
         prepare(dep)
         return supervise(dep)
     finally:

@@ -322,6 +322,10 @@ class Deployment:
         return os.path.join(self.runtime_dir, "supervisord.conf")
 
     @property
+    def supervisord_pidfile(self) -> str:
+        return os.path.join(self.runtime_dir, "supervisord.pid")
+
+    @property
     def socket_url(self) -> str:
         return self.workers.socket
 
@@ -367,6 +371,7 @@ class Deployment:
             scoreboard_path=self.scoreboard_path,
             control_socket=self.control_socket,
             supervisord_conf=self.supervisord_conf,
+            supervisord_pidfile=self.supervisord_pidfile,
             socket_url=self.socket_url,
             socket_is_unix=self.socket_is_unix,
             socket_path=self.socket_path,

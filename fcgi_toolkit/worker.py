@@ -13,6 +13,10 @@ Signals (handlers only set flags; the main loop does the rest):
   ``workers.graceful_timeout`` exit 1 with a log line naming the cut requests.
 * SIGUSR1: dump every thread's Python stack to stderr (faulthandler).
 
+supervisord's death is a SIGTERM too (:mod:`fcgi_toolkit.lifeline`: the
+parent-death signal, and a watch on the parent pid), so a worker whose
+supervisord was killed drains and exits instead of serving on, orphaned.
+
 Exit status: 0 drained, 1 drain deadline passed, 2 bad configuration or no
 listening socket on fd 0, 3 the application failed to import.
 """
@@ -30,7 +34,7 @@ import sys
 import traceback
 from typing import Callable
 
-from fcgi_toolkit import settings
+from fcgi_toolkit import lifeline, settings
 from fcgi_toolkit.names import slot_name
 
 log = logging.getLogger("fcgi_toolkit.worker")
@@ -114,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
     early_stop: list = []
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: early_stop.append(signum))
+    lifeline.guard(signal.SIGTERM, dep.supervisord_pidfile)
 
     try:
         listener = inherited_listener(0)

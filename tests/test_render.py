@@ -88,13 +88,16 @@ def test_supervisord_conf_parses_with_supervisor(tmp_path):
     nginx = groups["wiki_nginx"]
     assert type(nginx) is ProcessGroupConfig
     np_ = nginx.process_configs[0]
-    assert np_.command == "/usr/sbin/nginx -c %s/nginx.conf" % dep.runtime_dir
+    # Through the lifeline wrapper: nginx gets QUIT when supervisord dies (issue #13).
+    assert np_.command == ("%s -m fcgi_toolkit lifeline --pidfile %s --signal QUIT -- "
+                           "/usr/sbin/nginx -c %s/nginx.conf"
+                           % (dep.python, dep.supervisord_pidfile, dep.runtime_dir))
     assert np_.stopsignal == 3 and np_.autorestart is RestartUnconditionally
 
     (server,) = options.server_configs
     assert server["family"] == 1 and server["file"] == dep.control_socket  # AF_UNIX
     assert server["chmod"] == 0o700
-    assert options.pidfile == os.path.join(dep.runtime_dir, "supervisord.pid")
+    assert options.pidfile == dep.supervisord_pidfile == os.path.join(dep.runtime_dir, "supervisord.pid")
     assert options.nodaemon is False, "nodaemon is given on the command line by `run`, not in the file"
     text = files["supervisord.conf"]
     sections = re.findall(r"^\[([^\]]+)\]", text, re.M)
