@@ -245,11 +245,11 @@ def test_lifeline_does_not_start_a_program_for_a_supervisord_gone_already(tmp_pa
 
 # -- addresses held by another program ---------------------------------------------
 
-def _dep(tmp_path, socket_url: str):
+def _dep(tmp_path, socket_url: str, **nginx):
     path = tmp_path / "deploy.toml"
     path.write_text(toml_dumps({"app": {"name": "w", "wsgi": "m:app"},
                                 "workers": {"socket": socket_url},
-                                "nginx": {"managed": False},
+                                "nginx": dict({"managed": False}, **nginx),
                                 "runtime": {"dir": str(tmp_path / "run")}}))
     return settings.load(str(path))
 
@@ -270,7 +270,8 @@ def test_a_busy_tcp_address_names_its_holder(tmp_path):
 
 
 def test_an_address_not_of_this_machine_is_one_line(tmp_path):
-    dep = _dep(tmp_path, "tcp://192.0.2.1:9000")   # TEST-NET-1: never local
+    # TEST-NET-1: never local (and, not loopback, it needs nginx.web_servers).
+    dep = _dep(tmp_path, "tcp://192.0.2.1:9000", web_servers=["192.0.2.2"])
     with pytest.raises(settings.ConfigError, match=r"workers.socket = 'tcp://192.0.2.1:9000': "
                                                    r"cannot bind 192.0.2.1:9000: "):
         leftovers.check_addresses(dep)

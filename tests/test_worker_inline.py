@@ -265,7 +265,7 @@ def test_inline_deadline_calls_on_deadline_naming_the_request():
 # Tier 3: the worker process with threads = 1
 # --------------------------------------------------------------------------
 
-def wait_for(predicate, timeout=10.0):
+def wait_for(predicate, timeout=30.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():

@@ -35,7 +35,7 @@ def board_for(w):
     return Scoreboard(dep.scoreboard_path, dep.slots)
 
 
-def wait_for(predicate, timeout=10.0):
+def wait_for(predicate, timeout=30.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
