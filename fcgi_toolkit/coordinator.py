@@ -234,11 +234,11 @@ class Coordinator:
         if action.flapping:
             until = self.state.flap([n for n in (op.offender, op.replacement) if n], now)
             self.state.update_slot(op.offender, flapping=True)
-            log.error("%s pid %d is flapping: %s only %s after it started (recycle.flap_window"
-                      " = %s); recycling it, then backing off %s. Fresh workers break this"
-                      " limit: raise the limit or fix the app.", op.offender, op.old_pid,
-                      op.reason, format_duration(offender.age if offender else 0),
-                      format_duration(self.limits.flap_window), format_duration(until - now))
+            log.error("%s pid %d is flapping: %s, %s; recycling it, then backing off %s."
+                      " Fresh workers break this limit: raise the limit or fix the app.",
+                      op.offender, op.old_pid, op.reason,
+                      policy.flap_evidence(offender, op.kind, self.limits),
+                      format_duration(until - now))
         log.info("recycle begins worker=%s pid=%d reason=%r origin=%s replacement=%s",
                  op.offender, op.old_pid, op.reason, origin, op.new_slot)
         self._step(None, op, effects, now=now)
