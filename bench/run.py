@@ -26,7 +26,7 @@ from bench.stack import Session
 
 log = logging.getLogger("bench")
 
-SCENARIOS = ("throughput", "recycle", "reload", "leak", "watchdog", "detection")
+SCENARIOS = ("throughput", "recycle", "reload", "leak", "watchdog", "detection", "memlimit")
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 

@@ -243,7 +243,7 @@ def _merge(defaults: Mapping[str, Mapping[str, Any]], overrides: Mapping[str, Ma
 class Cluster:
     """A running deployment: supervisord + workers + watchdog (+ nginx)."""
 
-    def __init__(self, base_dir, app: str = "core_app:application", *, name: str = "core",
+    def __init__(self, base_dir, app: str = "core_app:application", /, *, name: str = "core",
                  app_dir: Optional[str] = None, ready_timeout: float = 60.0,
                  wait_ready: bool = True, **sections: Mapping[str, Any]):
         self.base_dir = os.path.abspath(str(base_dir))
