@@ -1,8 +1,9 @@
 """Scenario 7: the memory limit at the defaults a user gets.
 
-The ``leak`` app keeps bytes on every request, sized from each contender's
-measured hello-world rate so that each worker grows about 5 MB/s, then about
-20 MB/s, under continuous wrk load; the limit is 80 MB.  Unlike the ``leak``
+The ``leak_rate`` app grows each worker 5 MB/s, then 20 MB/s, of serving
+(the bytes kept per request follow the time between requests, so the growth
+is the same for every contender whatever its request rate), under continuous
+wrk load; the limit is 80 MB.  Unlike the ``leak``
 scenario nothing is tuned: ours runs with the default recycle.flap_window
 (60 s) and check_interval (1 s), uWSGI with its default min-worker-lifetime
 (10 s), memmon on supervisord's TICK_5.
@@ -21,14 +22,14 @@ import logging
 
 from bench.contenders import Spec
 from bench.scenario import Context, Result, Sampler, median, rss_of
-from bench.scenario_recycle import calibrate, measure
+from bench.scenario_recycle import measure
 
 log = logging.getLogger("bench")
 
 NAME = "memlimit"
 TITLE = "Memory limit at the defaults"
 BASELINE = "memmon"
-APP = "bench.apps:leak"
+APP = "bench.apps:leak_rate"
 MB = 1024 * 1024
 MAX_RSS = 80 * MB
 RATES = (5 * MB, 20 * MB)      # growth per worker per second
@@ -85,13 +86,8 @@ def run(ctx: Context) -> Result:
                                    ("ours max_rss", "ours", {}),
                                    ("uwsgi --reload-on-rss", "uwsgi",
                                     {"min_worker_lifetime": None})):
-            spec = Spec(app=APP, workers=ctx.workers, max_rss=MAX_RSS, extra=extra)
-            if not ctx.can_run(kind, spec):
-                leak = max(1024, int(growth / calibrate(ctx, kind)))
-                spec = Spec(app=APP, workers=ctx.workers, max_rss=MAX_RSS, extra=extra,
-                            env=(("BENCH_LEAK_BYTES", str(leak)),))
-                result.notes.append("%d MB/s, %s: %d bytes per request" % (growth // MB, label,
-                                                                          leak))
+            spec = Spec(app=APP, workers=ctx.workers, max_rss=MAX_RSS, extra=extra,
+                        env=(("BENCH_LEAK_RATE", str(growth)),))
             plan.append((label, kind, spec))
         for label, kind, stack in ctx.started(plan, result, access_log=True):
             c = stack.contender

@@ -42,7 +42,8 @@ def wait_idle(c, timeout=30):
 
 
 class PidWatcher(threading.Thread):
-    """Collects every worker pid seen RUNNING and the fewest ready workers, until stopped."""
+    """Collects every worker pid seen and the fewest ready workers (a replacement
+    still STARTING whose slot says ready counts, as for the watchdog), until stopped."""
 
     def __init__(self, cluster, interval=0.2):
         super().__init__(daemon=True)
@@ -54,7 +55,7 @@ class PidWatcher(threading.Thread):
     def run(self):
         while not self.halt.wait(self.interval):
             try:
-                ready = self.c.ready_workers()
+                ready = self.c.ready_workers(starting=True)
                 self.seen.update(self.c.pids().values())
             except OSError:
                 continue
