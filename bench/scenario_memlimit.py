@@ -15,6 +15,10 @@ worker pids) and *limit-to-ready*: from the first sample of a worker over
 the limit to the first sample showing a new ready worker
 (:func:`limit_to_ready`, median and max).  It includes the detection
 itself, so it bounds detection-to-ready from above (by one sample, 0.1 s).
+
+Beside them, labelled tuned, ours with two standby slots and
+recycle.max_concurrent = 2 (both workers may be replaced at once) and
+limits.max_rss_hard one second of growth above the limit.
 """
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ MB = 1024 * 1024
 MAX_RSS = 80 * MB
 RATES = (5 * MB, 20 * MB)      # growth per worker per second
 EVERY = 0.1
+TUNED = "ours tuned (standby 2, max_concurrent 2, max_rss_hard +1 s)"
 
 COLUMNS = [("rate", "leak MB/s", "s"), ("contender", "contender", "s"),
            ("max_rss_mb", "peak RSS MB", ".1f"), ("over_pct", "% samples over limit", ".1f"),
@@ -85,7 +90,9 @@ def run(ctx: Context) -> Result:
         for label, kind, extra in ((BASELINE, "flup", {}),
                                    ("ours max_rss", "ours", {}),
                                    ("uwsgi --reload-on-rss", "uwsgi",
-                                    {"min_worker_lifetime": None})):
+                                    {"min_worker_lifetime": None}),
+                                   (TUNED, "ours", {"standby": 2, "max_concurrent": 2,
+                                                    "max_rss_hard": MAX_RSS + growth})):
             spec = Spec(app=APP, workers=ctx.workers, max_rss=MAX_RSS, extra=extra,
                         env=(("BENCH_LEAK_RATE", str(growth)),))
             plan.append((label, kind, spec))
