@@ -3,6 +3,9 @@
 - ``hello``: a fixed 14-byte body; measures the server, not the app.
 - ``cpu``: renders a jinja2 table, about 1 ms of CPU per request.
 - ``leak``: like hello, but keeps ``LEAK_BYTES`` more memory on every request.
+- ``leak_rate``: like hello, but grows ``LEAK_RATE`` bytes per second of
+  serving, whatever the request rate: each request keeps the rate times the
+  time since the previous one (at most 0.1 s of it, so idle time adds nothing).
 - ``grow``: serves hello; ``GET /grow`` adds ``GROW_BYTES`` at once and answers
   with the pid and the time, so the detection scenario knows which worker
   crossed its limit and when.
@@ -17,6 +20,7 @@ import os
 import time
 
 LEAK_BYTES = int(os.environ.get("BENCH_LEAK_BYTES", 32 * 1024))
+LEAK_RATE = int(os.environ.get("BENCH_LEAK_RATE", 5 * 1024 * 1024))
 GROW_BYTES = int(os.environ.get("BENCH_GROW_BYTES", 96 * 1024 * 1024))
 
 _HELLO = b"Hello, world!\n"
@@ -68,6 +72,18 @@ def cpu(environ, start_response):
 def leak(environ, start_response):
     # Bytes written, not calloc'd: every page is resident.
     _kept.append(b"x" * LEAK_BYTES)
+    return _respond(start_response, _HELLO)
+
+
+_last = [0.0]
+
+
+def leak_rate(environ, start_response):
+    now = time.monotonic()
+    gap = min(0.1, now - _last[0]) if _last[0] else 0.0
+    _last[0] = now
+    if gap > 0:
+        _kept.append(b"x" * int(LEAK_RATE * gap))
     return _respond(start_response, _HELLO)
 
 

@@ -282,7 +282,10 @@ class Uwsgi(Contender):
                # younger than min-worker-lifetime (default 10 s); ours has no
                # such floor for request counts, and its RSS flap guard is
                # lowered the same way (Spec.extra["flap_window"]).
-               "--min-worker-lifetime", "1"]
+               # Spec.extra["min_worker_lifetime"] = None: uWSGI's default.
+               ]
+        if s.extra.get("min_worker_lifetime", 1) is not None:
+            cmd += ["--min-worker-lifetime", str(s.extra.get("min_worker_lifetime", 1))]
         if s.threads > 1:
             cmd += ["--threads", str(s.threads)]
         if s.max_requests:
@@ -370,10 +373,12 @@ class Ours(_Supervised):
             "[limits]",
             "max_requests = %d" % s.max_requests,
             "max_rss = %d" % s.max_rss,
+            "max_rss_hard = %d" % s.extra.get("max_rss_hard", 0),
             "",
             "[recycle]",
             "check_interval = %s" % float(s.check_interval),
             "flap_window = %s" % float(s.extra.get("flap_window", 60.0)),
+            "max_concurrent = %d" % s.extra.get("max_concurrent", 1),
             "",
             "[nginx]",
             "managed = false",

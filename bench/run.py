@@ -1,6 +1,6 @@
 """The bench entry point: ``python -m bench.run`` (``tox -e bench`` runs it).
 
-    python -m bench.run                       # every scenario, ~12 minutes on 2 cores
+    python -m bench.run                       # every scenario, ~18 minutes on 2 cores
     python -m bench.run --scenario leak       # one scenario alone
     python -m bench.run --smoke               # seconds: CI's check that the suite runs
 
@@ -26,7 +26,7 @@ from bench.stack import Session
 
 log = logging.getLogger("bench")
 
-SCENARIOS = ("throughput", "recycle", "reload", "leak", "watchdog", "detection")
+SCENARIOS = ("throughput", "recycle", "reload", "leak", "watchdog", "detection", "memlimit")
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 

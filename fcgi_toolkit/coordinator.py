@@ -60,6 +60,7 @@ class Recall:
     killed: set[int] = field(default_factory=set)                  # pids sent SIGKILL
     alarmed: dict[str, tuple] = field(default_factory=dict)        # slot -> (pid, rss_time)
     held_logged: set[int] = field(default_factory=set)
+    ready_seen: set[int] = field(default_factory=set)             # replacement pids polled ready
     fatal_seen: set[str] = field(default_factory=set)
     waiting_logged: set[str] = field(default_factory=set)          # request ids
     reload_stalled_since: Optional[float] = None
@@ -71,6 +72,7 @@ class Recall:
             del self.alarmed[name]
         self.killed &= alive
         self.held_logged &= alive
+        self.ready_seen &= alive
 
 
 class Coordinator:
@@ -129,6 +131,8 @@ class Coordinator:
         last, board = self.last_snapshot, self.sampler.scoreboard
         if last is None or board is None or not self.limits.max_rss or self.standing_by:
             return False
+        if self._replacement_ready(board):
+            return True
         records = {slot.name: board.read(slot.index) for slot in last.slots if slot.pid}
         alarms = policy.rss_alarms(last, records, self.limits, self.memory())
         for alarm in alarms:
@@ -136,6 +140,17 @@ class Coordinator:
             log.info("%s pid %d published rss %s > %s: checking now", alarm.slot, alarm.pid,
                      format_size(alarm.rss), format_size(self.limits.max_rss))
         return bool(alarms)
+
+    def _replacement_ready(self, board: Any) -> bool:
+        """Whether a replacement being waited for says ready in its slot (once per pid)."""
+        for op in self.state.recycle.values():
+            if op.phase != Phase.STARTING:
+                continue
+            rec = board.read(self.slot_names.index(op.new_slot))
+            if rec is not None and rec.ready and rec.pid not in self.recall.ready_seen:
+                self.recall.ready_seen.add(rec.pid)
+                return True
+        return False
 
     def memory(self) -> Memory:
         """What the policy needs to know of the state and the recall."""
@@ -168,7 +183,8 @@ class Coordinator:
         try:
             self._observe(snap, now)
             for op in list(self.state.recycle.values()):
-                self._step(op, *recycle.advance(op, snap, now, self.ready_timeout), now=now)
+                self._step(op, *recycle.advance(op, snap, now, self.ready_timeout,
+                                                self.state.busy()), now=now)
             self.requests.serve(snap, now)
             if self.watch.due(now, may_fire=self.state.reload is None):
                 self.reloads.begin(snap, now, "watch")
@@ -234,11 +250,11 @@ class Coordinator:
         if action.flapping:
             until = self.state.flap([n for n in (op.offender, op.replacement) if n], now)
             self.state.update_slot(op.offender, flapping=True)
-            log.error("%s pid %d is flapping: %s only %s after it started (recycle.flap_window"
-                      " = %s); recycling it, then backing off %s. Fresh workers break this"
-                      " limit: raise the limit or fix the app.", op.offender, op.old_pid,
-                      op.reason, format_duration(offender.age if offender else 0),
-                      format_duration(self.limits.flap_window), format_duration(until - now))
+            log.error("%s pid %d is flapping: %s, %s; recycling it, then backing off %s."
+                      " Fresh workers break this limit: raise the limit or fix the app.",
+                      op.offender, op.old_pid, op.reason,
+                      policy.flap_evidence(offender, op.kind, self.limits),
+                      format_duration(until - now))
         log.info("recycle begins worker=%s pid=%d reason=%r origin=%s replacement=%s",
                  op.offender, op.old_pid, op.reason, origin, op.new_slot)
         self._step(None, op, effects, now=now)

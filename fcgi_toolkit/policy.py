@@ -15,8 +15,9 @@ from fcgi_toolkit.names import (CAPACITY_STATES, STARTABLE_STATES, format_durati
                                 state_name)
 from fcgi_toolkit.scoreboard import SlotRecord, is_live
 
-#: Limits whose early breach marks a worker as flapping.  A request count
-#: reached quickly only means load, so it never counts as flapping.
+#: Limits whose breach can mark a worker as flapping.  A request count
+#: reached quickly only means load, so it never counts as flapping.  For
+#: "rss" the worker's baseline decides (:func:`flapping`), for "age" its age.
 FLAP_KINDS = ("rss", "age")
 
 BACKOFF_BASE = 2.0
@@ -33,6 +34,7 @@ class Limits:
     count: int
     standby: int
     max_rss: int = 0
+    max_rss_hard: int = 0
     max_requests: int = 0
     max_requests_jitter: int = 0
     max_age: float = 0.0
@@ -44,7 +46,8 @@ class Limits:
     @classmethod
     def from_deployment(cls, dep: Any) -> "Limits":
         return cls(count=dep.workers.count, standby=dep.workers.standby,
-                   max_rss=dep.limits.max_rss, max_requests=dep.limits.max_requests,
+                   max_rss=dep.limits.max_rss, max_rss_hard=dep.limits.max_rss_hard,
+                   max_requests=dep.limits.max_requests,
                    max_requests_jitter=dep.limits.max_requests_jitter,
                    max_age=dep.limits.max_age, request_timeout=dep.limits.request_timeout,
                    slow_request=dep.limits.slow_request,
@@ -182,6 +185,15 @@ class Hold:
 
 
 @dataclass(frozen=True)
+class HardStop:
+    """Stop ``slot``'s worker now (graceful signal), replacement ready or not:
+    its RSS is over limits.max_rss_hard.  Another ready worker keeps serving."""
+    slot: str
+    pid: int
+    reason: str
+
+
+@dataclass(frozen=True)
 class Kill:
     """SIGKILL ``slot``'s worker: a request ran past request_timeout."""
     slot: str
@@ -210,7 +222,7 @@ class Stop:
     reason: str
 
 
-Action = Union[Recycle, Hold, Kill, DumpStacks, Start, Stop]
+Action = Union[Recycle, Hold, HardStop, Kill, DumpStacks, Start, Stop]
 
 
 @dataclass(frozen=True)
@@ -254,6 +266,58 @@ def breaches(slot: SlotSnapshot, limits: Limits) -> list[tuple[float, str, str]]
         out.append((slot.age / slot.max_age, "age",
                     "age %s >= %s" % (format_duration(slot.age), format_duration(slot.max_age))))
     out.sort(key=lambda b: -b[0])
+    return out
+
+
+def flapping(slot: SlotSnapshot, kind: str, limits: Limits, age_at_breach: float) -> bool:
+    """Whether recycling ``slot`` for a ``kind`` breach can help: False when it can.
+
+    An RSS breach is flapping only if the worker was over max_rss near its
+    start (its published baseline, :data:`fcgi_toolkit.scoreboard.BASELINE_REQUESTS`),
+    when a fresh replacement would be over it too; a worker that grew past
+    the limit while serving is never flapping, however young.  Without a
+    baseline (no procfs) the old rule applies: a breach within
+    recycle.flap_window of the start.  An age breach is flapping within
+    flap_window (max_age itself is that short).
+    """
+    if kind not in FLAP_KINDS:
+        return False
+    baseline = slot.record.baseline if slot.record is not None else 0
+    if kind == "rss" and baseline:
+        return baseline > limits.max_rss
+    return age_at_breach < limits.flap_window
+
+
+def flap_evidence(slot: Optional[SlotSnapshot], kind: str, limits: Limits) -> str:
+    """Why :func:`flapping` said so, for the log line."""
+    baseline = slot.record.baseline if slot is not None and slot.record is not None else 0
+    if kind == "rss" and baseline:
+        return "it was at %s when it started (limits.max_rss = %s)" % (
+            format_size(baseline), format_size(limits.max_rss))
+    return "only %s after it started (recycle.flap_window = %s)" % (
+        format_duration(slot.age if slot is not None else 0), format_duration(limits.flap_window))
+
+
+def hard_stops(snapshot: Snapshot, limits: Limits, memory: Memory) -> list[HardStop]:
+    """Workers over limits.max_rss_hard, to stop now, never the group's last ready one.
+
+    A worker counts if it is RUNNING and not draining, in a recycle or not.
+    Each stop needs another ready worker (not stopped in this pass either), so
+    the group keeps serving and its socket stays open.
+    """
+    if not limits.max_rss_hard:
+        return []
+    ready = {s.name for s in snapshot.slots if s.ready}
+    out = []
+    for slot in sorted(snapshot.slots, key=lambda s: -s.latest_rss):
+        if (not _watched(slot) or slot.state != ProcessStates.RUNNING or slot.record.draining
+                or slot.latest_rss <= limits.max_rss_hard or slot.pid in memory.killed):
+            continue
+        if not ready - {slot.name}:
+            continue
+        ready.discard(slot.name)
+        out.append(HardStop(slot.name, slot.pid, "rss %s > %s (limits.max_rss_hard)" % (
+            format_size(slot.latest_rss), format_size(limits.max_rss_hard))))
     return out
 
 
@@ -322,17 +386,17 @@ def reload_refusal(limits: Limits) -> Optional[str]:
 def decide(snapshot: Snapshot, now: float, limits: Limits, memory: Memory) -> list[Action]:
     """The watchdog's actions for this pass.
 
-    At most one action per worker.  Kills come first (a stuck request wastes a
-    worker whatever else happens), then recycles worst offender first within
+    At most one action per worker.  Hard stops (:func:`hard_stops`) and kills
+    come first (a stuck request wastes a worker whatever else happens), then recycles worst offender first within
     the capacity guard (:func:`capacity`), each naming its replacement slot,
     then holds, then stack dumps.
     """
-    acted: set[str] = set()
-    kills: list[Action] = []
+    kills: list[Action] = list(hard_stops(snapshot, limits, memory))
+    acted: set[str] = {k.slot for k in kills}
     candidates: list[Recycle] = []
     holds: list[Action] = []
     for slot in snapshot.slots:
-        if not _watched(slot):
+        if not _watched(slot) or slot.name in acted:
             continue
         running_for = slot.request_age(now)
         if (limits.request_timeout and running_for >= limits.request_timeout
@@ -350,13 +414,13 @@ def decide(snapshot: Snapshot, now: float, limits: Limits, memory: Memory) -> li
         severity, kind, reason = found[0]
         breached_at = memory.first_breach.get(slot.pid, now)
         age_at_breach = slot.age - (now - breached_at)
-        flapping = kind in FLAP_KINDS and age_at_breach < limits.flap_window
+        flaps = flapping(slot, kind, limits, age_at_breach)
         until = memory.backoff_until.get(slot.name, 0.0)
-        if flapping and now < until:
+        if flaps and now < until:
             holds.append(Hold(slot.name, slot.pid, reason, kind, until))
             acted.add(slot.name)
             continue
-        candidates.append(Recycle(slot.name, slot.pid, reason, kind, severity, flapping))
+        candidates.append(Recycle(slot.name, slot.pid, reason, kind, severity, flaps))
 
     candidates.sort(key=lambda r: (-r.severity, r.slot))
     room = capacity(snapshot, now, limits, memory)

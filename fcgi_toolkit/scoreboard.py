@@ -19,6 +19,12 @@ ends but at most once per ``rss_every`` seconds: one ``os.pread`` of a
 the page size.  The watchdog polls these values between its full passes, so
 a worker over its memory limit is noticed within a fraction of a second
 instead of at the next psutil sample.
+
+The writer also publishes a *baseline*: its RSS when it became ready, then
+again right after its first :data:`BASELINE_REQUESTS` requests (an app that
+fills caches on its first requests is judged by that).  The watchdog calls a
+worker flapping only if its baseline is over the limit, that is when a fresh
+replacement would be over it too (:mod:`fcgi_toolkit.policy`).
 """
 from __future__ import annotations
 
@@ -33,8 +39,8 @@ from typing import Callable, Optional
 from fcgi_toolkit.names import same_life
 
 # seq, pid, started, requests, inflight, flags, req_start, req_id,
-# last_duration, rss, rss_time, method, uri
-_FORMAT = struct.Struct("<QqdQIIdQdQd16s152s")
+# last_duration, rss, rss_time, baseline, method, uri
+_FORMAT = struct.Struct("<QqdQIIdQdQdQ16s152s")
 SLOT_SIZE = 256
 assert _FORMAT.size <= SLOT_SIZE
 
@@ -46,6 +52,8 @@ URI_MAX = 152
 
 #: Publish the worker's RSS at most this often (seconds), when asked to.
 RSS_EVERY = 0.05
+#: The baseline RSS is measured again after this many requests.
+BASELINE_REQUESTS = 3
 _STATM = "/proc/self/statm"
 _PAGE_SIZE = mmap.PAGESIZE
 
@@ -67,6 +75,7 @@ class SlotRecord:
     uri: str
     rss: int = 0            # resident bytes the worker last published (0: never)
     rss_time: float = 0.0   # epoch when it measured them
+    baseline: int = 0       # resident bytes near its start (see BASELINE_REQUESTS; 0: unknown)
 
     def request_age(self, now: float) -> float:
         """Seconds the oldest in-flight request has been running (0 if none)."""
@@ -139,7 +148,7 @@ class SlotWriter:
         # In-flight requests by id: (start, method bytes, uri bytes).  The slot
         # shows the oldest one, which is the one a watchdog cares about.
         self._inflight: dict[int, tuple[float, bytes, bytes]] = {}
-        self._rss, self._rss_time = 0, 0.0
+        self._rss, self._rss_time, self._baseline = 0, 0.0, 0
         self._rss_every = rss_every
         self._monotonic = monotonic
         self._next_rss = 0.0
@@ -165,7 +174,7 @@ class SlotWriter:
         struct.pack_into("<Q", mm, off, self._seq)
         _FORMAT.pack_into(mm, off, self._seq, self._pid, self._started, self._requests,
                           len(self._inflight), self._flags, req_start, req_id,
-                          self._last_duration, self._rss, self._rss_time,
+                          self._last_duration, self._rss, self._rss_time, self._baseline,
                           method[:METHOD_MAX], uri[:URI_MAX])
         self._seq += 1
         struct.pack_into("<Q", mm, off, self._seq)
@@ -192,6 +201,8 @@ class SlotWriter:
         with self._lock:
             if sample:
                 self._rss, self._rss_time = sample
+                if ready:
+                    self._baseline = self._rss
             self._flags = (self._flags | READY) if ready else (self._flags & ~READY)
             self._publish()
 
@@ -213,10 +224,13 @@ class SlotWriter:
 
     def end(self, token: int) -> None:
         now = self._clock()
-        sample = self._measure_rss(now)
+        baseline_due = self._requests + 1 == BASELINE_REQUESTS
+        sample = self._measure_rss(now, force=baseline_due)
         with self._lock:
             if sample:
                 self._rss, self._rss_time = sample
+                if baseline_due:
+                    self._baseline = self._rss
             start = self._inflight.pop(token)[0]
             self._requests += 1
             self._last_duration = now - start
@@ -227,7 +241,7 @@ class SlotWriter:
         with self._lock:
             self._pid, self._started, self._flags = 0, 0.0, 0
             self._requests, self._inflight = 0, {}
-            self._rss, self._rss_time = 0, 0.0
+            self._rss, self._rss_time, self._baseline = 0, 0.0, 0
             self._publish()
 
     def close(self) -> None:
@@ -265,7 +279,7 @@ class Scoreboard:
         else:  # pragma: no cover - a writer died mid-update: use what is there
             pass
         (_, pid, started, requests, inflight, flags, req_start, req_id,
-         last_duration, rss, rss_time, method, uri) = fields
+         last_duration, rss, rss_time, baseline, method, uri) = fields
         if pid == 0:
             return None
         return SlotRecord(slot=slot, pid=pid, started=started, requests=requests,
@@ -273,7 +287,8 @@ class Scoreboard:
                           draining=bool(flags & DRAINING), req_start=req_start,
                           req_id=req_id, last_duration=last_duration,
                           method=method.rstrip(b"\0").decode("latin-1"),
-                          uri=uri.rstrip(b"\0").decode("latin-1"), rss=rss, rss_time=rss_time)
+                          uri=uri.rstrip(b"\0").decode("latin-1"), rss=rss, rss_time=rss_time,
+                          baseline=baseline)
 
     def read_all(self) -> list[Optional[SlotRecord]]:
         return [self.read(i) for i in range(self.slots)]

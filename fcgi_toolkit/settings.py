@@ -115,6 +115,9 @@ REGISTRY: tuple[Setting, ...] = (
     # [limits]
     Setting("limits", "max_rss", size, 0,
             "Recycle a worker whose resident memory is above this (0: off).", "256MB"),
+    Setting("limits", "max_rss_hard", size, 0,
+            "Stop a worker above this at once, replacement ready or not; another ready worker"
+            " keeps serving (0: off; needs max_rss, and above it).", "512MB"),
     Setting("limits", "max_requests", non_negative_int, 0,
             "Recycle a worker after this many requests (0: off).", 1000),
     Setting("limits", "max_requests_jitter", non_negative_int, 0,
@@ -133,7 +136,8 @@ REGISTRY: tuple[Setting, ...] = (
     Setting("recycle", "ready_timeout", seconds, 60.0,
             "A replacement not ready within this is a failed start."),
     Setting("recycle", "flap_window", seconds, 60.0,
-            "A worker breaking a limit within this of its start is flapping: back off."),
+            "max_age (or max_rss without procfs) broken within this of a worker's start is"
+            " flapping: back off. For max_rss the RSS at start decides."),
     Setting("recycle", "watch", path_list, [],
             "Files whose change triggers a rolling reload; relative to the deployment file."),
     Setting("recycle", "debounce", seconds, 2.0,
@@ -619,6 +623,11 @@ def check_consistency(dep: Deployment) -> None:
     # nginx's keepalive cache is per nginx worker process and shared by
     # every server of the upstream: its idle connections may all end up on
     # the smallest host, so that host bounds it.
+    hard, soft = dep.limits.max_rss_hard, dep.limits.max_rss
+    if hard and hard <= soft or hard and not soft:
+        raise ConfigError("%s: limits.max_rss_hard = %s: it must be above limits.max_rss (%s)"
+                          % (dep.path, names.format_size(hard),
+                             names.format_size(soft) if soft else "off"))
     counts = [h.count for h in dep.hosts] or [dep.workers.count]
     threads = min(counts) * dep.workers.threads
     if dep.nginx.keepalive and dep.nginx.keepalive >= threads:

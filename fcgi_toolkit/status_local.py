@@ -33,7 +33,7 @@ STATES: dict[str, str] = {
     "running": "running on a remote host (readiness is in that host's scoreboard)",
     "busy": "running and serving at least one request",
     "draining": "asked to stop: finishing in-flight requests, accepting none",
-    "flapping": "broke a limit soon after it started; the watchdog backs off",
+    "flapping": "over a limit from its start (a replacement would be); backs off",
     "starting": "started, app not imported yet (or no scoreboard slot yet)",
     "backoff": "failed to start; supervisord or the watchdog will retry",
     "standby": "stopped spare slot used for graceful replacement",

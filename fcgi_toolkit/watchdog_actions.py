@@ -12,7 +12,8 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable
 
-from fcgi_toolkit.policy import DumpStacks, Hold, Kill, Recycle, Snapshot, Start, Stop
+from fcgi_toolkit import policy
+from fcgi_toolkit.policy import DumpStacks, HardStop, Hold, Kill, Recycle, Snapshot, Start, Stop
 from fcgi_toolkit.supervisord import CommandFailed
 
 log = logging.getLogger("fcgi_toolkit.watchdog")
@@ -24,7 +25,7 @@ class ActionRunner:
     def __init__(self, coordinator: Any):
         self.co = coordinator
         self._handlers: dict[type, Callable[[Any, Snapshot, float], None]] = {
-            Recycle: self._recycle, Kill: self._kill, DumpStacks: self._dump, Hold: self._hold,
+            Recycle: self._recycle, HardStop: self._hard_stop, Kill: self._kill, DumpStacks: self._dump, Hold: self._hold,
             Start: self._start, Stop: self._stop}
 
     def carry_out(self, action: Any, snap: Snapshot, now: float) -> None:
@@ -41,6 +42,13 @@ class ActionRunner:
 
     def _recycle(self, action: Recycle, snap: Snapshot, now: float) -> None:
         self.co.begin(action, snap, now, "watchdog")
+
+    def _hard_stop(self, action: HardStop, snap: Snapshot, now: float) -> None:
+        log.warning("stopping %s pid %d at once: %s; another ready worker keeps serving",
+                    action.slot, action.pid, action.reason)
+        if action.slot not in self.co.state.busy():     # a recycle in progress counts itself
+            self.co.state.count(action.slot, "rss_hard", action.reason, now)
+        self.co.gateway.stop(action.slot)
 
     def _kill(self, action: Kill, snap: Snapshot, now: float) -> None:
         log.warning("killing %s pid %d: %s", action.slot, action.pid, action.reason)
@@ -59,10 +67,11 @@ class ActionRunner:
         if action.pid in self.co.recall.held_logged:
             return
         self.co.recall.held_logged.add(action.pid)
-        log.error("%s pid %d is flapping: %s soon after it started; it keeps serving until its"
-                  " slot's backoff ends in %.1fs (no restart storm). Fresh workers break this"
-                  " limit: raise the limit or fix the app.", action.slot, action.pid,
-                  action.reason, max(0.0, action.backoff_until - now))
+        log.error("%s pid %d is flapping: %s, %s; it keeps serving until its slot's backoff"
+                  " ends in %.1fs (no restart storm). Fresh workers break this limit: raise the"
+                  " limit or fix the app.", action.slot, action.pid, action.reason,
+                  policy.flap_evidence(snap.get(action.slot), action.kind, self.co.limits),
+                  max(0.0, action.backoff_until - now))
 
     def _start(self, action: Start, snap: Snapshot, now: float) -> None:
         log.info("starting %s: %s", action.slot, action.reason)

@@ -30,7 +30,8 @@ def cluster(tmp_path, request):
     """
     started: list[Cluster] = []
 
-    def factory(app: str = "core_app:application", **kwargs) -> Cluster:
+    def factory(app: str = "core_app:application", /, **kwargs) -> Cluster:
+        # app is positional-only: kwargs may hold the [app] section itself.
         if not nginx_available():
             pytest.skip("nginx is not on PATH (or in /usr/sbin)")
         c = Cluster(tmp_path / ("cluster%d" % len(started)), app, **kwargs)

@@ -243,7 +243,7 @@ def _merge(defaults: Mapping[str, Mapping[str, Any]], overrides: Mapping[str, Ma
 class Cluster:
     """A running deployment: supervisord + workers + watchdog (+ nginx)."""
 
-    def __init__(self, base_dir, app: str = "core_app:application", *, name: str = "core",
+    def __init__(self, base_dir, app: str = "core_app:application", /, *, name: str = "core",
                  app_dir: Optional[str] = None, ready_timeout: float = 60.0,
                  wait_ready: bool = True, **sections: Mapping[str, Any]):
         self.base_dir = os.path.abspath(str(base_dir))
@@ -306,15 +306,21 @@ class Cluster:
         except (OSError, xmlrpc.client.Fault, http.client.HTTPException):
             return False
 
-    def ready_workers(self) -> dict[str, int]:
-        """{slot name: pid} of RUNNING workers whose live scoreboard slot says ready."""
+    def ready_workers(self, starting: bool = False) -> dict[str, int]:
+        """{slot name: pid} of RUNNING workers whose live scoreboard slot says ready.
+
+        ``starting``: also those supervisord still calls STARTING (within
+        startsecs) whose slot says ready: they accept, and the watchdog counts
+        them as a ready replacement (``fcgi_toolkit.recycle.ready_early``)."""
+        states = (ProcessStates.RUNNING, ProcessStates.STARTING) if starting else (
+            ProcessStates.RUNNING,)
         self._remember()
         board = scoreboard.Scoreboard(self.dep.scoreboard_path, self.dep.slots)
         try:
             out = {}
             for i, slot in enumerate(self.dep.slot_names()):
                 info = self._infos().get(slot)
-                if not info or info["state"] != ProcessStates.RUNNING:
+                if not info or info["state"] not in states:
                     continue
                 rec = board.read(i)
                 if rec and rec.ready and not rec.draining and rec.pid == info["pid"]:

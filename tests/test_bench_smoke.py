@@ -169,3 +169,15 @@ def test_smoke_run_writes_table_json_and_drops_nothing_on_reload(tmp_path):
     assert ours["replaced"] == "yes", ours
     assert ours["failed"] == 0, ours
     assert ours["requests"] > 0
+
+
+def test_limit_to_ready_pairs_each_offender_with_the_next_new_ready_worker():
+    from bench.scenario_memlimit import limit_to_ready
+    mb = 1024 * 1024
+    samples = [(0.0, ({1: 50 * mb, 2: 50 * mb}, [1, 2])),
+               (1.0, ({1: 81 * mb, 2: 60 * mb}, [1, 2])),        # 1 over
+               (1.2, ({1: 85 * mb, 2: 82 * mb, 3: 20 * mb}, [1, 2])),   # 2 over; 3 starting
+               (1.4, ({1: 86 * mb, 2: 83 * mb, 3: 21 * mb}, [1, 2, 3])),  # 3 ready
+               (2.0, ({2: 90 * mb, 3: 22 * mb, 4: 20 * mb}, [2, 3, 4]))]  # 4 ready
+    assert limit_to_ready(samples, 80 * mb) == pytest.approx([0.4, 0.8])
+    assert limit_to_ready([], 80 * mb) == []

@@ -54,6 +54,7 @@ class FakeSupervisor:
         self.rss: dict[int, int] = {}
         self.board: dict[int, SlotRecord] = {}
         self.fail_start: set[str] = set()
+        self.within_startsecs: set[str] = set()     # ready workers supervisord calls STARTING
         self.logs: dict[str, str] = {}
         self.next_pid = 1000
         self.default_rss = 20 * MB
@@ -127,6 +128,8 @@ class FakeSupervisor:
         for name, p in self.procs.items():
             i = self.index[name]
             if p["state"] == PS.STARTING:
+                if name in self.within_startsecs:
+                    continue
                 if name in self.fail_start:
                     p["state"] = PS.BACKOFF
                 else:
@@ -613,6 +616,48 @@ def test_one_publication_raises_one_alarm_and_the_newer_sample_decides(tmp_path)
     assert w.co.urgent() is True
     w.co.run_pass()
     assert w.sup.named_calls("startProcess") == [("startProcess", "wiki:wiki_02", False)]
+
+
+def _ready_within_startsecs(w, name):
+    """``name``'s new worker says ready in its slot; supervisord still says STARTING."""
+    p = w.sup.procs[name]
+    assert p["state"] == PS.STARTING
+    w.sup.board[w.sup.index[name]] = _record(w.sup.index[name], p["pid"], w.sup.created[p["pid"]])
+
+
+def test_replacement_ready_in_its_slot_stops_the_offender_while_still_starting(tmp_path):
+    w = World(tmp_path, limits={"max_rss": "100MB"})
+    w.started()
+    old = w.sup.running()
+    w.sup.within_startsecs.add("wiki_02")
+    w.sup.rss[old["wiki_00"]] = 150 * MB
+    w.co.run_pass()
+    assert w.sup.named_calls("startProcess") == [("startProcess", "wiki:wiki_02", False)]
+    assert w.co.urgent() is False                  # not ready in its slot yet
+    _ready_within_startsecs(w, "wiki_02")
+    assert w.co.urgent() is True                   # the fast poll sees it: pass now
+    assert w.co.urgent() is False                  # once per replacement
+    w.co.run_pass()
+    assert w.sup.named_calls("stopProcess") == [("stopProcess", "wiki:wiki_00", False)]
+    assert w.sup.procs["wiki_02"]["state"] == PS.STARTING
+    assert w.sup.running()["wiki_01"] == old["wiki_01"]   # the other worker holds the socket
+
+
+def test_a_lone_worker_waits_for_its_replacement_to_leave_starting(tmp_path):
+    # workers.count = 1: if the replacement died within startsecs after the offender
+    # stopped, no process would hold the socket.
+    w = World(tmp_path, limits={"max_rss": "100MB"}, workers={"count": 1, "standby": 1})
+    w.started()
+    old = w.sup.running()
+    w.sup.within_startsecs.add("wiki_01")
+    w.sup.rss[old["wiki_00"]] = 150 * MB
+    w.co.run_pass()
+    _ready_within_startsecs(w, "wiki_01")
+    w.co.run_pass()
+    assert w.sup.named_calls("stopProcess") == []
+    w.sup.within_startsecs.clear()
+    w.co.run_pass()                                # RUNNING now
+    assert w.sup.named_calls("stopProcess") == [("stopProcess", "wiki:wiki_00", False)]
 
 
 def test_no_fast_poll_without_max_rss(tmp_path):

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 from supervisor.states import ProcessStates
 
 from fcgi_toolkit import names, policy
-from fcgi_toolkit.policy import (DumpStacks, Hold, Kill, Limits, Memory, Recycle, SlotSnapshot,
+from fcgi_toolkit.policy import (DumpStacks, HardStop, Hold, Kill, Limits, Memory, Recycle, SlotSnapshot,
                                  Snapshot, Start, Stop)
 from fcgi_toolkit.sampler import Sampler
 from fcgi_toolkit.scoreboard import SlotRecord
@@ -17,10 +18,11 @@ RUNNING, STOPPED, STOPPING = ProcessStates.RUNNING, ProcessStates.STOPPED, Proce
 
 
 def record(index, pid, requests=0, inflight=0, req_start=0.0, req_id=0, method="GET", uri="/",
-           ready=True, draining=False):
+           ready=True, draining=False, baseline=0):
     return SlotRecord(slot=index, pid=pid, started=NOW - 1000, requests=requests,
                       inflight=inflight, ready=ready, draining=draining, req_start=req_start,
-                      req_id=req_id, last_duration=0.0, method=method, uri=uri)
+                      req_id=req_id, last_duration=0.0, method=method, uri=uri,
+                      baseline=baseline)
 
 
 def worker(index, rss=10 * MB, requests=0, age=1000.0, max_requests=0, max_age=0.0,
@@ -147,6 +149,7 @@ def test_draining_busy_or_untrusted_workers_are_not_recycled():
 
 
 def test_flapping_worker_recycles_flagged_then_holds_while_backing_off():
+    # No published baseline (no procfs): the age at the breach decides.
     limits = Limits(count=2, standby=1, max_rss=100 * MB, flap_window=60)
     young = worker(0, rss=150 * MB, age=3.0)
     s = snap(young, worker(1), stopped(2))
@@ -163,6 +166,74 @@ def test_flapping_worker_recycles_flagged_then_holds_while_backing_off():
     late = Memory(first_breach={100: NOW - 1}, backoff_until={"wiki_00": NOW + 8})
     [a] = policy.decide(snap(older, worker(1), stopped(2)), NOW, limits, late)
     assert isinstance(a, Recycle) and not a.flapping
+
+
+def test_young_worker_that_grew_past_the_limit_is_replaced_even_while_backing_off():
+    # Started at 25 MB, 80 MB after a few seconds of work: a replacement starts small again.
+    limits = Limits(count=2, standby=1, max_rss=80 * MB, flap_window=60)
+    young = worker(0, rss=90 * MB, age=3.0, baseline=25 * MB)
+    mem = Memory(backoff_until={"wiki_00": NOW + 30})
+    [a] = policy.decide(snap(young, worker(1), stopped(2)), NOW, limits, mem)
+    assert a == Recycle("wiki_00", 100, "rss 90MB > 80MB", "rss", 90 / 80, False,
+                        replacement="wiki_02")
+
+
+def test_worker_over_the_limit_at_its_start_is_flapping_however_old():
+    limits = Limits(count=2, standby=1, max_rss=80 * MB, flap_window=60)
+    fat = worker(0, rss=90 * MB, age=500.0, baseline=85 * MB)
+    [a] = policy.decide(snap(fat, worker(1), stopped(2)), NOW, limits, Memory())
+    assert isinstance(a, Recycle) and a.flapping
+    held = policy.decide(snap(fat, worker(1), stopped(2)), NOW, limits,
+                         Memory(backoff_until={"wiki_00": NOW + 8}))
+    assert held == [Hold("wiki_00", 100, "rss 90MB > 80MB", "rss", NOW + 8)]
+    # At the limit exactly is not over it.
+    edge = worker(0, rss=90 * MB, age=3.0, baseline=80 * MB)
+    assert not policy.flapping(edge, "rss", limits, 3.0)
+
+
+def test_flapping_by_age_and_never_by_requests():
+    limits = Limits(count=2, standby=1, max_rss=80 * MB, flap_window=60)
+    w = worker(0, baseline=10 * MB)
+    assert policy.flapping(w, "age", limits, 30.0)           # max_age shorter than the window
+    assert not policy.flapping(w, "age", limits, 90.0)
+    assert not policy.flapping(w, "requests", limits, 1.0)
+
+
+def test_hard_ceiling_stops_at_once_even_in_a_recycle_waiting_for_its_replacement():
+    limits = Limits(count=2, standby=1, max_rss=80 * MB, max_rss_hard=120 * MB)
+    s = snap(worker(0, rss=130 * MB, baseline=20 * MB), worker(1),
+             SlotSnapshot("wiki_02", 2, ProcessStates.STARTING, pid=7))
+    mem = Memory(busy=frozenset({"wiki_00", "wiki_02"}), operations=1)
+    assert policy.decide(s, NOW, limits, mem) == [
+        HardStop("wiki_00", 100, "rss 130MB > 120MB (limits.max_rss_hard)")]
+    # Below the ceiling the recycle in progress just goes on.
+    s2 = snap(worker(0, rss=110 * MB, baseline=20 * MB), worker(1), s.slots[2])
+    assert policy.decide(s2, NOW, limits, mem) == []
+    # Off by default.
+    assert policy.decide(s, NOW, replace(limits, max_rss_hard=0), mem) == []
+
+
+def test_hard_ceiling_never_stops_the_last_ready_worker():
+    limits = Limits(count=1, standby=1, max_rss=80 * MB, max_rss_hard=120 * MB)
+    alone = snap(worker(0, rss=300 * MB), SlotSnapshot("wiki_01", 1, ProcessStates.STARTING,
+                                                       pid=7))
+    mem = Memory(busy=frozenset({"wiki_00", "wiki_01"}), operations=1)
+    assert policy.hard_stops(alone, limits, mem) == []
+    # Two over the ceiling and no one else: the worse one stops, the other keeps serving.
+    two = Limits(count=2, standby=1, max_rss=80 * MB, max_rss_hard=120 * MB)
+    both = snap(worker(0, rss=200 * MB), worker(1, rss=300 * MB), stopped(2))
+    assert [h.slot for h in policy.hard_stops(both, two, Memory())] == ["wiki_01"]
+    # A draining or stopping worker is already on its way out.
+    going = snap(worker(0, rss=300 * MB, draining=True), worker(1))
+    assert policy.hard_stops(going, two, Memory()) == []
+
+
+def test_hard_stop_and_kill_never_both_for_one_worker():
+    limits = Limits(count=2, standby=1, max_rss=80 * MB, max_rss_hard=120 * MB,
+                    request_timeout=10.0)
+    stuck = worker(0, rss=300 * MB, inflight=1, req_start=NOW - 60, req_id=3)
+    actions = policy.decide(snap(stuck, worker(1), stopped(2)), NOW, limits, Memory())
+    assert [type(a) for a in actions] == [HardStop]
 
 
 def test_request_count_reached_quickly_is_not_flapping():

@@ -8,6 +8,7 @@ state file equal and advances the same way (a listener restarted there).
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 from supervisor.states import ProcessStates as PS
@@ -92,6 +93,53 @@ def test_starting_ready_replacement_stops_the_offender():
     new, effects = step(op(Phase.STARTING), snap(OFFENDER_UP, slot(2, PS.RUNNING, NEW_PID)))
     assert new.phase == Phase.STOPPING and new.new_pid == NEW_PID and new.took == 1.0
     assert effects == [StopProcess("wiki_00")]
+
+
+def starting_ready(index, pid):
+    """A worker supervisord still calls STARTING whose own scoreboard slot says ready."""
+    return SlotSnapshot(name="wiki_%02d" % index, index=index, state=PS.STARTING, pid=pid,
+                        create_time=NOW - 0.3, record=record(index, pid, True))
+
+
+def test_starting_replacement_ready_in_its_slot_counts_while_another_worker_serves():
+    other = slot(1, PS.RUNNING, 101)
+    busy = {"wiki_00", "wiki_02"}
+    world = snap(OFFENDER_UP, other, starting_ready(2, NEW_PID))
+    new, effects = advance(op(Phase.STARTING), world, NOW + 0.3, TIMEOUT, busy)
+    assert new.phase == Phase.STOPPING and new.new_pid == NEW_PID
+    assert new.took == pytest.approx(0.3)
+    assert effects == [StopProcess("wiki_00")]
+    # Without ``busy`` (the caller did not say) it waits for RUNNING, as before.
+    assert advance(op(Phase.STARTING), world, NOW + 0.3, TIMEOUT) == (op(Phase.STARTING), [])
+
+
+def test_starting_replacement_ready_in_its_slot_waits_for_running_when_it_would_hold_alone():
+    # Only the offender serves besides it: if the replacement died within startsecs
+    # after the offender stopped, no process would hold the socket.  Wait for RUNNING.
+    busy = {"wiki_00", "wiki_02"}
+    alone = snap(OFFENDER_UP, starting_ready(2, NEW_PID))
+    assert advance(op(Phase.STARTING), alone, NOW + 0.3, TIMEOUT, busy) == (
+        op(Phase.STARTING), [])
+    # The only other ready worker is itself in a recycle: it may be stopping soon.
+    other_busy = snap(OFFENDER_UP, slot(1, PS.RUNNING, 101), starting_ready(2, NEW_PID))
+    assert advance(op(Phase.STARTING), other_busy, NOW + 0.3, TIMEOUT,
+                   busy | {"wiki_01"}) == (op(Phase.STARTING), [])
+    # Not ready in its slot: still starting.
+    not_ready = replace(starting_ready(2, NEW_PID), record=record(2, NEW_PID, False))
+    assert advance(op(Phase.STARTING), snap(OFFENDER_UP, slot(1, PS.RUNNING, 101), not_ready),
+                   NOW + 0.3, TIMEOUT, busy) == (op(Phase.STARTING), [])
+
+
+def test_replacement_counted_early_that_dies_leaves_the_recycle_done_when_the_offender_is_gone():
+    # STOPPING: the replacement exited within startsecs (BACKOFF); the offender is
+    # still draining.  The recycle waits for the offender, then ends; reconcile and
+    # supervisord's own retries bring the count back, the other worker serves meanwhile.
+    stopping = op(Phase.STOPPING, new_pid=NEW_PID, took=0.3)
+    draining = slot(0, PS.STOPPING, OLD_PID)
+    world = snap(draining, slot(1, PS.RUNNING, 101), slot(2, PS.BACKOFF))
+    assert advance(stopping, world, NOW + 1, TIMEOUT, {"wiki_00", "wiki_02"}) == (stopping, [])
+    gone = snap(slot(0, PS.STOPPED), slot(1, PS.RUNNING, 101), slot(2, PS.BACKOFF))
+    assert advance(stopping, gone, NOW + 2, TIMEOUT)[0].phase == Phase.DONE
 
 
 def test_starting_offender_exited_by_itself_finishes_when_the_replacement_is_ready():

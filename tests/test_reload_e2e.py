@@ -27,7 +27,8 @@ def versioned(cluster, tmp_path, version="1", **sections):
 
 
 class ReadyWatcher(threading.Thread):
-    """The fewest ready workers seen while it runs."""
+    """The fewest ready workers seen while it runs (a replacement still STARTING whose
+    slot says ready counts, as for the watchdog)."""
 
     def __init__(self, cluster):
         super().__init__(daemon=True)
@@ -38,7 +39,7 @@ class ReadyWatcher(threading.Thread):
     def run(self):
         while not self.halt.wait(0.1):
             try:
-                n = len(self.c.ready_workers())
+                n = len(self.c.ready_workers(starting=True))
             except OSError:
                 continue
             self.min_ready = n if self.min_ready is None else min(self.min_ready, n)

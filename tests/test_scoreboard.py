@@ -162,3 +162,33 @@ def test_slot_layout_fits_and_keeps_every_field(tmp_path):
     assert (rec.pid, rec.started, rec.inflight, rec.method) == (7, 3.5, 1, "DELETE")
     assert rec.uri == ("/" + "u" * 500)[:scoreboard.URI_MAX]
     assert scoreboard.Scoreboard(path, 2).read(0) is None
+
+
+def test_baseline_is_the_rss_at_ready_then_after_the_first_requests(tmp_path):
+    path = str(tmp_path / "sb")
+    me = psutil.Process()
+    tick = [50.0]
+    w = scoreboard.SlotWriter(path, 0, 1, me.pid, me.create_time(), clock=lambda: 1000.0,
+                              rss_every=60.0, monotonic=lambda: tick[0])
+    board = scoreboard.Scoreboard(path, 1)
+    try:
+        assert board.read(0).baseline == 0              # unknown before ready
+        w.set_ready()
+        at_ready = board.read(0).baseline
+        assert at_ready == board.read(0).rss > 0
+        ballast = bytearray(64 * 1024 * 1024)
+        for i in range(0, len(ballast), 4096):
+            ballast[i] = 1
+        for _ in range(scoreboard.BASELINE_REQUESTS - 1):
+            w.end(w.begin("GET", "/"))
+        assert board.read(0).baseline == at_ready       # rss_every 60 s: nothing new yet
+        w.end(w.begin("GET", "/"))                      # request BASELINE_REQUESTS: measured
+        assert board.read(0).baseline >= at_ready + 60 * 1024 * 1024
+        del ballast
+        fixed = board.read(0).baseline
+        tick[0] += 120
+        w.end(w.begin("GET", "/"))                      # later requests never move it
+        assert board.read(0).baseline == fixed
+    finally:
+        w.close()
+        board.close()

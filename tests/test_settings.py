@@ -218,3 +218,14 @@ def test_cross_setting_rules_run_in_load_for_every_command(tmp_path):
     message = load_error(tmp_path, MINIMAL + '[workers]\nsocket = "tcp://127.0.0.1:9009"\n'
                                              'socket_owner = "www-data"\n')
     assert "workers.socket_owner = 'www-data'" in message
+
+
+def test_hard_rss_ceiling_is_off_by_default_and_must_be_above_max_rss(tmp_path):
+    assert settings.load(write(tmp_path, MINIMAL)).limits.max_rss_hard == 0
+    dep = settings.load(write(tmp_path, MINIMAL + '[limits]\nmax_rss = "80MB"\n'
+                              'max_rss_hard = "120MB"\n'))
+    assert dep.limits.max_rss_hard == 120 * 1024 * 1024
+    message = load_error(tmp_path, MINIMAL + '[limits]\nmax_rss = "80MB"\nmax_rss_hard = "80MB"\n')
+    assert "limits.max_rss_hard = 80MB" in message and "above limits.max_rss (80MB)" in message
+    message = load_error(tmp_path, MINIMAL + '[limits]\nmax_rss_hard = "80MB"\n')
+    assert "limits.max_rss_hard = 80MB" in message and "(off)" in message

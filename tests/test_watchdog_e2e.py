@@ -42,7 +42,8 @@ def wait_idle(c, timeout=30):
 
 
 class PidWatcher(threading.Thread):
-    """Collects every worker pid seen RUNNING and the fewest ready workers, until stopped."""
+    """Collects every worker pid seen and the fewest ready workers (a replacement
+    still STARTING whose slot says ready counts, as for the watchdog), until stopped."""
 
     def __init__(self, cluster, interval=0.2):
         super().__init__(daemon=True)
@@ -54,7 +55,7 @@ class PidWatcher(threading.Thread):
     def run(self):
         while not self.halt.wait(self.interval):
             try:
-                ready = self.c.ready_workers()
+                ready = self.c.ready_workers(starting=True)
                 self.seen.update(self.c.pids().values())
             except OSError:
                 continue
@@ -243,3 +244,51 @@ def test_published_rss_is_caught_between_timed_checks(cluster):
     assert re.search(r"wd_0\d pid %s published rss [\d.]+MB > 60MB: checking now" % done[0][1],
                      c.watchdog_log()), c.watchdog_log()
     assert len(c.wait_ready(2, timeout=20)) == 2
+
+
+def test_young_worker_that_grows_past_the_limit_is_replaced_without_backoff(cluster):
+    # Default recycle.flap_window (60 s): each worker reaches the limit a few seconds
+    # after its start, by serving; its replacement starts small, so no backoff.
+    c = cluster("wd_leak:application", name="wd", limits={"max_rss": "60MB"},
+                workers={"count": 2, "standby": 2}, recycle={"ready_timeout": "20s",
+                                                             "max_concurrent": 2})
+    first = c.ready_workers()
+    load = c.load("/", threads=2, duration=15, pause=0.1).start()
+    load.join()
+    assert load.failed == 0, load.summary()
+    done = recycled(c)
+    # Each first worker replaced, and replacements replaced in turn: no slot held back.
+    assert {old for _, old, _, _, _ in done} >= {str(p) for p in first.values()}, done
+    assert len(done) >= 3, done
+    log = c.watchdog_log()
+    assert "is flapping" not in log, log
+    st = state(c)
+    assert not any(s["flapping"] or s["backoff_until"] for s in st["slots"].values()), st
+    assert c.access_log_statuses().keys() <= {200}
+
+
+def test_hard_ceiling_stops_a_worker_before_its_replacement_is_ready(cluster, tmp_path):
+    hold = tmp_path / "hold-import"
+    c = cluster("wd_grow:application", name="wd", app={"environment": {"WD_HOLD_IMPORT": str(hold)}},
+                limits={"max_rss": "50MB", "max_rss_hard": "90MB"},
+                recycle={"check_interval": 0.5, "ready_timeout": "60s"})
+    first = c.ready_workers()
+    hold.write_text("held")           # from now on a new worker's import waits
+    load = c.load("/", threads=2, duration=30, pause=0.05).start()
+    try:
+        body = c.get("/grow?mb=100", timeout=10).text
+        fat = int(body.split()[1])
+        assert fat in first.values(), (body, first)
+        wait_for(lambda: fat not in c.pids().values(), 20, "the worker over the ceiling to stop")
+        # No replacement was ready: the one other worker serves alone, and keeps serving.
+        assert set(c.ready_workers().values()) == set(first.values()) - {fat}
+        assert load.failed == 0, load.summary()
+        hold.unlink()
+        assert len(c.wait_ready(2, timeout=30)) == 2
+    finally:
+        load.stop()
+        load.join()
+    assert load.failed == 0, load.summary()
+    assert re.search(r"stopping wd_0\d pid %d at once: rss [\d.]+MB > 90MB "
+                     r"\(limits.max_rss_hard\)" % fat, c.watchdog_log()), c.watchdog_log()
+    assert c.access_log_statuses().keys() <= {200}
