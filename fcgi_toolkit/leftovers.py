@@ -379,7 +379,7 @@ def _wait_gone(pid: Optional[int], dep: Deployment, timeout: float) -> bool:
 
 def run_stop(args: argparse.Namespace) -> int:
     """Stop a deployment: supervisord's graceful shutdown, then what is left."""
-    from fcgi_toolkit import status as status_mod
+    from fcgi_toolkit import supervisord
 
     dep = settings.load(args.config)
     timeout = args.timeout if args.timeout is not None else shutdown_bound(dep)
@@ -389,7 +389,7 @@ def run_stop(args: argparse.Namespace) -> int:
         print("fcgi-toolkit: %s: asking supervisord%s to shut down (waiting up to %gs)"
               % (dep.name, " (pid %d)" % pid if pid else "", timeout), flush=True)
         try:
-            status_mod.supervisor_proxy(dep).shutdown()
+            supervisord.control_proxy(dep).shutdown()
         except (OSError, xmlrpc.client.Fault, http.client.HTTPException) as exc:
             print("fcgi-toolkit: %s: supervisord did not take the shutdown: %s" % (dep.name, exc),
                   file=sys.stderr)
