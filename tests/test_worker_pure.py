@@ -11,11 +11,18 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fcgiclient as fc  # noqa: E402
 
+from flup.server import fcgi_base  # noqa: E402
+
 from fcgi_toolkit import flupfix  # noqa: E402
-from fcgi_toolkit.flupfix import (  # noqa: E402
-    ProtocolError, check_response_start, client_allowed, decode_pairs, describe_inflight,
-    encode_pair, encode_record, error_page, parse_web_server_addrs, response_head,
-    sanitize_environ, status_has_body,
+from fcgi_toolkit.flupfix.connection import Connection  # noqa: E402
+from fcgi_toolkit.flupfix.gateway import (  # noqa: E402
+    check_response_start, error_page, response_head, sanitize_environ, status_has_body,
+)
+from fcgi_toolkit.flupfix.records import (  # noqa: E402
+    ProtocolError, decode_pairs, encode_pair, encode_record,
+)
+from fcgi_toolkit.flupfix.server import (  # noqa: E402
+    client_allowed, describe_inflight, parse_web_server_addrs,
 )
 
 
@@ -135,11 +142,11 @@ def _serve_one(app, client_actions, monkeypatch, observer=None):
     """Run one Connection of a real WSGIServer over a socketpair."""
     def no_debug(*args):
         raise AssertionError("a debug string was formatted on the record path")
-    monkeypatch.setattr(flupfix.fcgi_base, "_debug", no_debug)   # bug 10
+    monkeypatch.setattr(fcgi_base, "_debug", no_debug)   # docs/flup6-bugs.rst, bug 10
     server = flupfix.WSGIServer(app, threads=1, idle_timeout=5, observer=observer)
     ours, theirs = socket.socketpair()
     ours.settimeout(5)
-    conn = flupfix.Connection(ours, "", server)
+    conn = Connection(ours, "", server)
     server._connections.add(conn)
     thread = threading.Thread(target=conn.run)
     thread.start()
@@ -188,3 +195,11 @@ def test_in_process_cant_mpx_and_unknown_role(monkeypatch):
         return True
 
     assert _serve_one(app, actions, monkeypatch)
+
+
+def test_flup_fcgi_single_cannot_be_constructed():
+    """docs/flup6-bugs.rst, bug 5: why the worker uses the threaded server
+    only.  Fails (and tells us) once flup6 fixes it."""
+    from flup.server import fcgi_single
+    with pytest.raises(AttributeError, match="has_key"):
+        fcgi_single.WSGIServer(lambda environ, start_response: [])
