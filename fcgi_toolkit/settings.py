@@ -43,7 +43,9 @@ from fcgi_toolkit.converters import (
     path_list,
     plain_text,
     ip_list,
-    host_address)
+    host_address,
+    web_server,
+    path_info_source)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -160,6 +162,16 @@ REGISTRY: tuple[Setting, ...] = (
             "(FCGI_WEB_SERVER_ADDRS); required with [[hosts]]; empty: any peer.", ["10.0.0.5"]),
     Setting("nginx", "binary", optional_path, "",
             "nginx executable for a managed nginx; empty: found on PATH."),
+    # [web]
+    Setting("web", "server", web_server, "nginx",
+            'Web server the site file is rendered for: "nginx" (nginx-site.conf, and nginx.conf for a managed '
+            'nginx), "apache" (apache-site.conf, mod_proxy_fcgi), "lighttpd" (lighttpd-site.conf, mod_fastcgi) '
+            'or "caddy" (Caddyfile). The [nginx] settings listen, server_name, location, static, timeouts and '
+            'client_max_body_size apply to each; nginx.managed and nginx.keepalive to nginx only.'),
+    Setting("web", "path_info", path_info_source, "request_uri",
+            '"request_uri": the worker sets SCRIPT_NAME and PATH_INFO from REQUEST_URI and nginx.location '
+            '(decoded once, slashes kept), whatever the web server sent; "web_server": it keeps a non-empty '
+            'PATH_INFO the web server sent (for hand-written configs that rewrite URLs).'),
     # [runtime]
     Setting("runtime", "dir", optional_path, "",
             "Rendered configs, socket, pid files, scoreboard; empty: .fcgi-toolkit/<name>, relative to the deployment file."),

@@ -16,7 +16,8 @@ from flup.server import fcgi_base  # noqa: E402
 from fcgi_toolkit import flupfix  # noqa: E402
 from fcgi_toolkit.flupfix.connection import Connection  # noqa: E402
 from fcgi_toolkit.flupfix.gateway import (  # noqa: E402
-    check_response_start, error_page, response_head, sanitize_environ, status_has_body,
+    check_response_start, error_page, request_paths, response_head, sanitize_environ,
+    status_has_body,
 )
 from fcgi_toolkit.flupfix.records import (  # noqa: E402
     ProtocolError, decode_pairs, encode_pair, encode_record,
@@ -103,12 +104,49 @@ def test_describe_inflight_oldest_first():
 
 def test_sanitize_environ_derives_path_info():
     env = {"REQUEST_URI": "/app/a%20b?x=1", "SCRIPT_NAME": "/app"}
-    sanitize_environ(env)
-    assert env["PATH_INFO"] == "/a b" and env["QUERY_STRING"] == "x=1"
+    sanitize_environ(env, "/app")
+    assert env["SCRIPT_NAME"] == "/app" and env["PATH_INFO"] == "/a b" and env["QUERY_STRING"] == "x=1"
     assert env["REQUEST_METHOD"] == "GET" and env["SERVER_PROTOCOL"] == "HTTP/1.0"
     env = {"REQUEST_URI": "/x?y", "DOCUMENT_URI": "/x", "QUERY_STRING": "y", "PATH_INFO": "/given"}
     sanitize_environ(env)
-    assert env["PATH_INFO"] == "/given"
+    assert env["PATH_INFO"] == "/given"   # web_server mode: a PATH_INFO sent is kept
+
+
+@pytest.mark.parametrize("uri, mount, expected", [
+    ("/", "", ("", "/")),
+    ("/anything/%E2%82%AC/%2F/x", "", ("", "/anything/\xe2\x82\xac///x")),   # decoded once, latin-1
+    ("/a//b/../c?q=%2F", "", ("", "/a//b/../c")),         # slashes and dot segments kept
+    ("/%2541", "", ("", "/%41")),                          # decoded once, not twice
+    ("/wiki/a%20b?x", "/wiki", ("/wiki", "/a b")),
+    ("/wiki", "/wiki", ("/wiki", "")),
+    ("/wiki/", "/wiki", ("/wiki", "/")),
+    ("/wikipedia/x", "/wiki", None),                      # not under the mount
+    ("/other", "/wiki", None),
+    ("http://example.com/wiki/x?y", "/wiki", ("/wiki", "/x")),   # absolute form
+    ("http://example.com", "", ("", "/")),
+    ("*", "", None),
+])
+def test_request_paths(uri, mount, expected):
+    assert request_paths(uri, mount) == expected
+
+
+def test_sanitize_environ_from_request_uri_ignores_the_web_servers_paths():
+    # nginx's $uri (decoded, slashes merged) and Apache's plain ProxyPass
+    # (SCRIPT_NAME = the whole path, no PATH_INFO) both give way.
+    nginx = {"REQUEST_URI": "/anything/%E2%82%AC/%2F/x", "PATH_INFO": "/anything/\xe2\x82\xac/x",
+             "SCRIPT_NAME": ""}
+    sanitize_environ(nginx, "", from_uri=True)
+    assert nginx["PATH_INFO"] == "/anything/\xe2\x82\xac///x" and nginx["SCRIPT_NAME"] == ""
+    apache = {"REQUEST_URI": "/version?x=1", "SCRIPT_NAME": "/version"}
+    sanitize_environ(apache, "", from_uri=False)   # no PATH_INFO sent: derived in either mode
+    assert (apache["SCRIPT_NAME"], apache["PATH_INFO"], apache["QUERY_STRING"]) == ("", "/version", "x=1")
+    mounted = {"REQUEST_URI": "/wiki/page", "SCRIPT_NAME": "/wiki/page"}
+    sanitize_environ(mounted, "/wiki", from_uri=True)
+    assert (mounted["SCRIPT_NAME"], mounted["PATH_INFO"]) == ("/wiki", "/page")
+    # Outside the mount: what the web server said (here nothing but DOCUMENT_URI).
+    outside = {"REQUEST_URI": "/elsewhere", "DOCUMENT_URI": "/elsewhere"}
+    sanitize_environ(outside, "/wiki", from_uri=True)
+    assert (outside["SCRIPT_NAME"], outside["PATH_INFO"]) == ("", "/elsewhere")
 
 
 def test_error_stream_takes_text_and_bytes():

@@ -11,6 +11,7 @@ import logging
 import re
 import traceback
 from typing import Any, Callable, Optional, Protocol, Sequence
+from urllib.parse import unquote_to_bytes
 
 from flup.server.fcgi_base import FCGI_REQUEST_COMPLETE
 
@@ -92,25 +93,65 @@ def status_has_body(method: str, status: str) -> bool:
     return not (method == "HEAD" or status[:3] in _NO_BODY_STATUS or status[:1] == "1")
 
 
-def sanitize_environ(environ: dict) -> None:
-    """Fill the CGI keys WSGI requires; derive PATH_INFO from nginx's
-    DOCUMENT_URI (decoded) when the web server sets none; drop the body's
-    length and type repeated as HTTP_* (a web server passing every header,
-    e.g. nginx with the distribution's fastcgi_params: CGI and PEP 3333
-    forbid them next to CONTENT_LENGTH/CONTENT_TYPE, bug 17)."""
+def request_paths(uri: str, mount: str) -> Optional[tuple]:
+    """(SCRIPT_NAME, PATH_INFO) from the request target as the client sent
+    it (``REQUEST_URI``) and the mount prefix (``nginx.location`` without its
+    trailing slash, "" at the root): the path is decoded once (percent
+    escapes to bytes, as latin-1 text, as PEP 3333 wants), slashes are not
+    merged and dot segments are left alone, as gunicorn and uWSGI do with the
+    raw request line.  None when the path is not under the mount (then the
+    caller keeps what the web server said).  An absolute-form target
+    ("http://host/x", RFC 9112 3.2.2) counts from its path."""
+    query = uri.find("?")
+    path = uri if query < 0 else uri[:query]
+    if not path.startswith("/"):
+        scheme = path.find("://")
+        if scheme < 0:
+            return None   # "*" (OPTIONS) or not a path at all
+        slash = path.find("/", scheme + 3)
+        path = "/" if slash < 0 else path[slash:]
+    if "%" in path:
+        path = unquote_to_bytes(path).decode("latin-1")
+    if not mount:
+        return "", path
+    if path.startswith(mount) and (len(path) == len(mount) or path[len(mount)] == "/"):
+        return mount, path[len(mount):]
+    return None
+
+
+def sanitize_environ(environ: dict, mount: str = "", from_uri: bool = False) -> None:
+    """Fill the CGI keys WSGI requires and set SCRIPT_NAME and PATH_INFO.
+
+    With ``from_uri`` (``web.path_info = "request_uri"``, the worker's
+    default) both come from REQUEST_URI and ``mount`` (see
+    :func:`request_paths`) whatever the web server sent: web servers send a
+    normalised PATH_INFO (nginx's ``$uri`` merges slashes, lighttpd
+    simplifies the path, Apache's mod_proxy_fcgi sends none at all).
+    Without it, the web server's PATH_INFO is kept when it sent a non-empty
+    one; otherwise they are derived the same way (flup6 took the raw,
+    undecoded REQUEST_URI as PATH_INFO and ignored the mount, bug 18).  With
+    no REQUEST_URI, or a path outside the mount: the web server's values,
+    else nginx's DOCUMENT_URI.
+
+    Also drops the body's length and type repeated as HTTP_* (a web server
+    passing every header, e.g. nginx with the distribution's
+    fastcgi_params: CGI and PEP 3333 forbid them next to
+    CONTENT_LENGTH/CONTENT_TYPE, bug 17)."""
     environ.pop("HTTP_CONTENT_LENGTH", None)
     environ.pop("HTTP_CONTENT_TYPE", None)
-    environ.setdefault("SCRIPT_NAME", "")
     uri = environ.get("REQUEST_URI", "")
-    if not environ.get("PATH_INFO"):
-        path = environ.get("DOCUMENT_URI")
-        if path is None:
-            from urllib.parse import unquote_to_bytes
-            path = unquote_to_bytes(uri.split("?", 1)[0]).decode("latin-1")
-        script = environ["SCRIPT_NAME"]
-        if script and path.startswith(script):
-            path = path[len(script):]
-        environ["PATH_INFO"] = path
+    paths = None
+    if uri and (from_uri or not environ.get("PATH_INFO")):
+        paths = request_paths(uri, mount)
+    if paths is not None:
+        environ["SCRIPT_NAME"], environ["PATH_INFO"] = paths
+    else:
+        script = environ.setdefault("SCRIPT_NAME", "")
+        if not environ.get("PATH_INFO"):
+            path = environ.get("DOCUMENT_URI", "")
+            if script and path.startswith(script):
+                path = path[len(script):]
+            environ["PATH_INFO"] = path
     if not environ.get("QUERY_STRING") and "?" in uri:
         environ["QUERY_STRING"] = uri.split("?", 1)[1]
     environ.setdefault("QUERY_STRING", "")
@@ -239,7 +280,8 @@ class Response:
 class WSGIGateway:
     """The server's request handler (a mixin of :class:`.server.WSGIServer`,
     which provides ``application``, ``environ``, ``debug``, ``observer``
-    and ``errors``)."""
+    and ``errors``).  ``mount`` and ``path_from_uri``: see
+    :func:`sanitize_environ`."""
 
     application: Callable
     environ: dict
@@ -248,7 +290,9 @@ class WSGIGateway:
     errors: ErrorStream
     multithreaded: bool
 
-    def _init_gateway(self) -> None:
+    def _init_gateway(self, mount: str, path_from_uri: bool) -> None:
+        self.mount = mount.rstrip("/")
+        self.path_from_uri = path_from_uri
         # What every environ gets (PEP 3333); copied into it per request.
         self._wsgi_keys = {"wsgi.version": (1, 0), "wsgi.errors": self.errors,
                            "wsgi.multithread": self.multithreaded, "wsgi.multiprocess": True,
@@ -275,7 +319,7 @@ class WSGIGateway:
         environ["wsgi.input"] = req.stdin
         https = environ.get("HTTPS", "off").lower() in ("on", "1")
         environ["wsgi.url_scheme"] = "https" if https or environ.get("REQUEST_SCHEME") == "https" else "http"
-        sanitize_environ(environ)
+        sanitize_environ(environ, self.mount, self.path_from_uri)
         return environ
 
     def _run_app(self, req: Request, environ: dict) -> tuple:

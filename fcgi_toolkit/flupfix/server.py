@@ -242,7 +242,8 @@ class WSGIServer(DrainControl, WSGIGateway, fcgi.WSGIServer):
                  observer: Optional[RequestObserver] = None,
                  web_server_addrs: Optional[str] = None,
                  errors: Optional[ErrorStream] = None,
-                 environ: Optional[dict] = None):
+                 environ: Optional[dict] = None,
+                 mount: str = "", path_from_uri: bool = False):
         # flup's debug=True default sends cgitb pages with locals (bug 3).
         # Inline (one thread): flup's pool gets no thread at all, so no idle
         # thread can take the process's signals from the main thread.
@@ -262,7 +263,7 @@ class WSGIServer(DrainControl, WSGIGateway, fcgi.WSGIServer):
         self._allowed = parse_web_server_addrs(web_server_addrs)
         self._lock = threading.Lock()
         self._connections: set = set()
-        self._init_gateway()
+        self._init_gateway(mount, path_from_uri)
         DrainControl.__init__(self, graceful_timeout)
 
     def connections(self) -> list:
