@@ -241,3 +241,22 @@ def test_flup_fcgi_single_cannot_be_constructed():
     from flup.server import fcgi_single
     with pytest.raises(AttributeError, match="has_key"):
         fcgi_single.WSGIServer(lambda environ, start_response: [])
+
+
+def test_in_process_pairs_spanning_params_records(monkeypatch):
+    """docs/flup6-bugs.rst, bug 4: PARAMS is decoded once, at its end, so a
+    pair cut by a record boundary arrives whole."""
+    def app(environ, start_response):
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [environ["HTTP_COOKIE"].encode("latin-1")]
+
+    cookie = "c=" + "v" * 3000
+
+    def actions(c):
+        c.begin(1)
+        c.send_params(1, fc.cgi_params("/", extra={"HTTP_COOKIE": cookie}), split=7)
+        c.send_stdin(1, b"")
+        return c.read_response(1)
+
+    r = _serve_one(app, actions, monkeypatch)
+    assert r.status == 200 and r.body == cookie.encode()
