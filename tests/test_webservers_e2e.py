@@ -58,22 +58,22 @@ def kind(request):
     return request.param
 
 
-@pytest.fixture(scope="module")
-def root_site(tmp_path_factory, kind):
-    c, web, static = _site(tmp_path_factory, kind, "/")
+def _running(tmp_path_factory, kind: str, location: str):
+    c, web, static = _site(tmp_path_factory, kind, location)
     yield c, web
     web.stop()
     c.stop()
     shutil.rmtree(static)
+
+
+@pytest.fixture(scope="module")
+def root_site(tmp_path_factory, kind):
+    yield from _running(tmp_path_factory, kind, "/")
 
 
 @pytest.fixture(scope="module")
 def prefix_site(tmp_path_factory, kind):
-    c, web, static = _site(tmp_path_factory, kind, "/app/")
-    yield c, web
-    web.stop()
-    c.stop()
-    shutil.rmtree(static)
+    yield from _running(tmp_path_factory, kind, "/app/")
 
 
 @pytest.fixture
