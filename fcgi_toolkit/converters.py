@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from typing import Any
+from typing import Any, Callable
 
 from supervisor.datatypes import SuffixMultiplier, boolean, byte_size, octal_type
 
@@ -330,3 +330,21 @@ def host_address(value: Any) -> str:
     if ip.is_unspecified:
         raise ValueError("0.0.0.0 would listen on every interface; give the host's own address")
     return "%s:%d" % (ip, int(port_text))
+
+
+def one_of(*choices: str) -> Callable[[Any], str]:
+    """A converter admitting exactly ``choices`` (strings)."""
+    def convert(value: Any) -> str:
+        _expect(str, value, "one of %s" % ", ".join('"%s"' % c for c in choices))
+        if value not in choices:
+            raise ValueError("expected one of %s" % ", ".join('"%s"' % c for c in choices))
+        return value
+    convert.__name__ = "one_of_" + "_".join(choices)
+    return convert
+
+
+#: The web servers a site file is rendered for (``web.server``).
+WEB_SERVERS = ("nginx", "apache", "lighttpd", "caddy")
+web_server = one_of(*WEB_SERVERS)
+path_info_source = one_of("request_uri", "web_server")
+

@@ -1,4 +1,8 @@
-"""The renderer: deployment -> supervisord.conf, nginx.conf, nginx-site.conf.
+"""The renderer: deployment -> supervisord.conf and the web server's site file.
+
+nginx: nginx-site.conf (and nginx.conf, for a managed nginx); Apache:
+apache-site.conf; lighttpd: lighttpd-site.conf; Caddy: Caddyfile
+(``web.server``).
 
 Command ``render -c deploy.toml [-o DIR] [--host NAME]``.  Rendering is all
 or nothing: every file is rendered in memory first, then each is written to
@@ -45,6 +49,17 @@ FILES: Mapping[str, str] = {
     "supervisord.conf": "supervisord.conf.j2",
     "nginx.conf": "nginx.conf.j2",
     "nginx-site.conf": "nginx-site.conf.j2",
+    "apache-site.conf": "apache-site.conf.j2",
+    "lighttpd-site.conf": "lighttpd-site.conf.j2",
+    "Caddyfile": "Caddyfile.j2",
+}
+
+#: The web server's files for each ``web.server``.
+SITE_FILES: Mapping[str, tuple] = {
+    "nginx": ("nginx.conf", "nginx-site.conf"),
+    "apache": ("apache-site.conf",),
+    "lighttpd": ("lighttpd-site.conf",),
+    "caddy": ("Caddyfile",),
 }
 
 #: The least memory one worker takes (an idle worker of the demo app is
@@ -193,6 +208,13 @@ def context(dep: Deployment, host: Host, conf_dir: str) -> dict:
         location=location,
         script_name=location.rstrip("/"),
         script_name_regex=_pcre_literal(location.rstrip("/")),
+        socket_path=dep.socket_path if dep.socket_is_unix else "",
+        socket_host_port=("" if dep.socket_is_unix else dep.socket_url[len("tcp://"):]),
+        listen_host_port=_listen_host_port(dep.nginx.listen),
+        static_dirs=[(prefix.rstrip("/"), directory.rstrip("/"))
+                     for prefix, directory in sorted(dep.nginx.static.items())],
+        read_timeout_s=int(math.ceil(dep.nginx.read_timeout)),
+        connect_timeout_s=int(math.ceil(dep.nginx.connect_timeout)),
         server_name_var="$host" if dep.nginx.server_name == "_" else "$server_name",
         static_locations=[(prefix, directory.rstrip("/") + "/")
                           for prefix, directory in sorted(dep.nginx.static.items())],
@@ -264,6 +286,15 @@ def capacity_warning(dep: Deployment, host: Host) -> str:
     return ""
 
 
+def _listen_host_port(listen: str) -> tuple:
+    """(host, port) of ``nginx.listen`` ("host:port", "[v6]:port" or "port";
+    a bare port listens on every address, as in nginx)."""
+    host, sep, port = listen.rpartition(":")
+    if not sep:
+        return "", listen
+    return host, port
+
+
 def upstream_server_line(spec: settings.HostSpec) -> str:
     """The nginx ``server`` parameters of one host: address, failure detection, backup."""
     line = "%s max_fails=%d fail_timeout=%s" % (spec.address, spec.max_fails,
@@ -272,7 +303,7 @@ def upstream_server_line(spec: settings.HostSpec) -> str:
 
 
 #: The files of each view of a multi-host file (see the module docstring).
-WEB_SERVER_FILES = ("nginx.conf", "nginx-site.conf")
+WEB_SERVER_FILES = SITE_FILES["nginx"]
 HOST_FILES = ("supervisord.conf",)
 
 
@@ -297,7 +328,8 @@ def _render_files(dep: Deployment, host: Host, conf_dir: str, names) -> dict[str
 def render_all(dep: Deployment, host: Host, conf_dir: str) -> dict[str, str]:
     """Every file, rendered in memory: {path relative to conf_dir: text}.  Writes nothing.
 
-    One machine: supervisord.conf, nginx.conf, nginx-site.conf.  A host view
+    One machine: supervisord.conf and the site files of ``web.server``
+    (:data:`SITE_FILES`).  A host view
     of a ``[[hosts]]`` file: supervisord.conf.  The front view: the nginx
     files and ``<host>/supervisord.conf`` for every host.
     """
@@ -305,7 +337,7 @@ def render_all(dep: Deployment, host: Host, conf_dir: str) -> dict[str, str]:
     if not dep.multi_host or dep.host is not None:
         check_capacity(dep, host)   # this machine runs the workers
     if not dep.multi_host:
-        return _render_files(dep, host, conf_dir, FILES)
+        return _render_files(dep, host, conf_dir, HOST_FILES + SITE_FILES[dep.web.server])
     if dep.host is not None:
         return _render_files(dep, host, conf_dir, HOST_FILES)
     out = _render_files(dep, host, conf_dir, WEB_SERVER_FILES)

@@ -45,7 +45,9 @@ from fcgi_toolkit.converters import (
     path_list,
     plain_text,
     ip_list,
-    host_address)
+    host_address,
+    web_server,
+    path_info_source)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -166,6 +168,16 @@ REGISTRY: tuple[Setting, ...] = (
             "(FCGI_WEB_SERVER_ADDRS); required with [[hosts]]; empty: any peer.", ["10.0.0.5"]),
     Setting("nginx", "binary", optional_path, "",
             "nginx executable for a managed nginx; empty: found on PATH."),
+    # [web]
+    Setting("web", "server", web_server, "nginx",
+            'Web server the site file is rendered for: "nginx" (nginx-site.conf, and nginx.conf for a managed '
+            'nginx), "apache" (apache-site.conf, mod_proxy_fcgi), "lighttpd" (lighttpd-site.conf, mod_fastcgi) '
+            'or "caddy" (Caddyfile). The [nginx] settings listen, server_name, location, static, timeouts and '
+            'client_max_body_size apply to each; nginx.managed and nginx.keepalive to nginx only.'),
+    Setting("web", "path_info", path_info_source, "request_uri",
+            '"request_uri": the worker sets SCRIPT_NAME and PATH_INFO from REQUEST_URI and nginx.location '
+            '(decoded once, slashes kept), whatever the web server sent; "web_server": it keeps a non-empty '
+            'PATH_INFO the web server sent (for hand-written configs that rewrite URLs).'),
     # [runtime]
     Setting("runtime", "dir", optional_path, "",
             "Rendered configs, socket, pid files, scoreboard; empty: .fcgi-toolkit/<name>, relative to the deployment file."),
@@ -616,6 +628,14 @@ def check_consistency(dep: Deployment) -> None:
         raise ConfigError("%s: control.inet_port = %r: supervisord's TCP control port is IPv4 only"
                           % (dep.path, dep.control.inet_port))
     check_tcp_exposure(dep)
+    server = dep.web.server
+    if server != "nginx" and dep.nginx.managed:
+        raise ConfigError("%s: web.server = %r: nginx.managed = true runs nginx; set nginx.managed "
+                          "= false and run %s with the site file fcgi-toolkit render writes"
+                          % (dep.path, server, server))
+    if server != "nginx" and dep.multi_host:
+        raise ConfigError("%s: web.server = %r: [[hosts]] needs nginx (one upstream with failover); "
+                          "set web.server = \"nginx\"" % (dep.path, server))
     if dep.nginx.web_servers and dep.socket_is_unix:
         raise ConfigError("%s: nginx.web_servers = %r: the allow-list applies to TCP sockets only; "
                           "a unix socket is guarded by workers.socket_mode"

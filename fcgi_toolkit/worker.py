@@ -168,7 +168,9 @@ def serve(app: Callable, listener: socket.socket, dep, slot, stop_requested: boo
     server = WSGIServer(app, threads=workers.threads, idle_timeout=workers.idle_timeout,
                         graceful_timeout=workers.graceful_timeout, debug=workers.debug,
                         observer=slot,
-                        web_server_addrs=os.environ.get("FCGI_WEB_SERVER_ADDRS"))
+                        web_server_addrs=os.environ.get("FCGI_WEB_SERVER_ADDRS"),
+                        mount=dep.nginx.location,
+                        path_from_uri=dep.web.path_info == "request_uri")
 
     def on_stop(signum: int, frame) -> None:
         server.request_stop()   # a flag; set_wakeup_fd wakes the main loop

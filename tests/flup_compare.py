@@ -1,5 +1,6 @@
 """Which worker conformance cases does bare flup6 fail?  (Keeps the fixes in
-``fcgi_toolkit/flupfix.py`` justified when flup6 is upgraded.)
+``fcgi_toolkit/flupfix/`` justified when flup6 is upgraded; the bugs are
+catalogued in ``docs/flup6-bugs.rst``.)
 
     python tests/flup_compare.py table      # run the cases against both, print a table
     python tests/flup_compare.py serve -c DEPLOY

@@ -390,9 +390,23 @@ def test_percent_encoded_path(conf):
     assert env["PATH_INFO"].encode("latin-1").decode("utf-8") == "/env/a b/\u00e9"
     assert env["REQUEST_URI"] == "/env/a%20b/%C3%A9?x=%2F"
     assert env["QUERY_STRING"] == "x=%2F"
-    # nginx decodes %2F in $uri: PATH_INFO cannot tell it from "/".
+    # Decoded once (PEP 3333): PATH_INFO cannot tell %2F from "/"; the app
+    # has REQUEST_URI for that.
     env = _env(conf, "/env/x%2Fy")
     assert env["PATH_INFO"] == "/env/x/y" and env["REQUEST_URI"] == "/env/x%2Fy"
+
+
+@pytest.mark.parametrize("path, expected", [
+    # httpbin's /anything/%E2%82%AC/%2F/x reached the app as /anything/€/x
+    # when the site passed nginx's $uri (decoded, slashes merged).
+    ("/env/anything/%E2%82%AC/%2F/x", "/env/anything/\u20ac///x"),
+    ("/env//a//b/", "/env//a//b/"),
+    ("/env/a/%2E%2E/b", "/env/a/../b"),
+])
+def test_path_info_is_the_path_the_client_sent(conf, path, expected):
+    env = _env(conf, path)
+    assert env["PATH_INFO"].encode("latin-1").decode("utf-8") == expected
+    assert env["SCRIPT_NAME"] == "" and env["REQUEST_URI"] == path
 
 
 # --------------------------------------------------------------------------
@@ -442,6 +456,9 @@ def test_script_name_and_path_info_under_wiki_mount(wiki):
     assert env["REQUEST_URI"] == "/wiki/env/a%20b?q=1&r=%26"
     env = _env(wiki, "/wiki/env/")
     assert env["SCRIPT_NAME"] == "/wiki" and env["PATH_INFO"] == "/env/"
+    env = _env(wiki, "/wiki/env//x/%2F/%E2%82%AC")
+    assert env["SCRIPT_NAME"] == "/wiki"
+    assert env["PATH_INFO"].encode("latin-1").decode("utf-8") == "/env//x///\u20ac"
 
 
 def test_web_server_addrs_refuses_unlisted_peer(own_clusters):

@@ -159,7 +159,8 @@ def test_nginx_site_for_root_location(tmp_path):
     dep, files = rendered(tmp_path, nginx={"static": {"/static/": "static", "/media/": "/srv/media/"}})
     site = files["nginx-site.conf"]
     assert "server unix:%s max_fails=0;" % dep.socket_path in site
-    assert 'fastcgi_param SCRIPT_NAME "";' in site and "fastcgi_param PATH_INFO $uri;" in site
+    # No $uri (normalised): the worker derives the paths from REQUEST_URI.
+    assert "fastcgi_param SCRIPT_NAME" not in site and "fastcgi_param PATH_INFO" not in site
     # No upstream connection cache by default; keep_conn is always on so that
     # nginx needs FCGI_END_REQUEST to call a response complete.
     assert not re.search(r"^\s*keepalive ", site, re.M) and "fastcgi_keep_conn on;" in site
@@ -179,8 +180,10 @@ def test_nginx_site_for_prefix(tmp_path):
     dep, files = rendered(tmp_path, nginx={"location": "/my.wiki/", "read_timeout": 2.5})
     site = files["nginx-site.conf"]
     assert "location /my.wiki/ {" in site
-    assert r'fastcgi_split_path_info "(?s)^(/my\.wiki)(/.*)$";' in site
-    assert "fastcgi_param SCRIPT_NAME $fastcgi_script_name;" in site
+    assert "location = /my.wiki {\n        return 301 /my.wiki/;" in site
+    # The worker derives SCRIPT_NAME and PATH_INFO from REQUEST_URI.
+    assert "fastcgi_param REQUEST_URI $request_uri;" in site
+    assert "fastcgi_param SCRIPT_NAME" not in site and "fastcgi_param PATH_INFO" not in site
     assert "fastcgi_read_timeout 2500ms;" in site
 
 
@@ -379,3 +382,34 @@ def test_any_allowed_path_reads_back_unchanged(tmp_path_factory, segment):
     assert fcgi.process_configs[0].directory == str(app_dir)
     assert fcgi.socket_config.url == dep.socket_url
     assert fcgi.process_configs[0].command.endswith("-c %s --slot 0" % dep.path)
+
+
+@pytest.mark.parametrize("server, site", [("apache", "apache-site.conf"),
+                                          ("lighttpd", "lighttpd-site.conf"), ("caddy", "Caddyfile")])
+def test_other_web_servers_render_their_site_file_only(tmp_path, server, site):
+    dep, files = rendered(tmp_path, web={"server": server},
+                          nginx={"managed": False, "location": "/my.wiki/", "read_timeout": 2.5,
+                                 "client_max_body_size": "5MB", "static": {"/static/": "/srv/media/"}})
+    assert sorted(files) == sorted(["supervisord.conf", site])
+    text = files[site]
+    assert dep.socket_path in text and "/my.wiki/" in text and "/srv/media" in text
+    assert "SCRIPT_NAME and PATH_INFO: the worker derives both from REQUEST_URI" in text
+    limit = {"apache": "LimitRequestBody 5242880", "lighttpd": "server.max-request-size = 5120",
+             "caddy": "max_size 5242880"}[server]
+    timeout = {"apache": "timeout=3 ", "lighttpd": '"read-timeout" => 3,',
+               "caddy": "read_timeout 2500ms"}[server]
+    assert limit in text and timeout in text
+    assert "[program:my_nginx]" not in files["supervisord.conf"] and "_nginx]" not in files["supervisord.conf"]
+
+
+def test_nginx_site_only_for_nginx(tmp_path):
+    _, files = rendered(tmp_path)
+    assert sorted(files) == ["nginx-site.conf", "nginx.conf", "supervisord.conf"]
+
+
+@pytest.mark.parametrize("sections, message", [
+    ({"web": {"server": "caddy"}}, "web.server = 'caddy': nginx.managed = true runs nginx"),
+])
+def test_other_web_server_with_managed_nginx_is_refused(tmp_path, sections, message):
+    with pytest.raises(settings.ConfigError, match=re.escape(message)):
+        rendered(tmp_path, **sections)

@@ -6,6 +6,7 @@ flup6 (see tests/flup_compare.py, which prints the table).  There, the cases
 for the fixed bugs are expected to fail; every socket operation is bounded, so
 they fail by timeout instead of hanging.
 """
+import json
 import os
 import socket
 import struct
@@ -199,6 +200,19 @@ def test_body_headers_repeated_as_http_variables_are_dropped(spawn):
     extra = {"HTTP_CONTENT_LENGTH": "5", "HTTP_CONTENT_TYPE": "application/octet-stream"}
     r = fc.request(w.listener.address, "/echo", method="POST", body=b"hello", extra=extra, timeout=10)
     assert r.ended and r.status == 200 and r.body == b"hello"
+
+
+def test_paths_come_from_request_uri_decoded_once(spawn):
+    """docs/flup6-bugs.rst, bug 18: as Apache's plain ProxyPass sends it
+    (SCRIPT_NAME the whole path, no PATH_INFO), with an escaped path: flup6
+    takes the raw REQUEST_URI as PATH_INFO (not decoded) and keeps that
+    SCRIPT_NAME."""
+    w = spawn()
+    r = fc.request(w.listener.address, "/%65nviron?x=%2F", extra={"SCRIPT_NAME": "/environ"},
+                   timeout=5)
+    assert r.ended and r.status == 200, r.body[:200]
+    env = json.loads(r.body)
+    assert (env["SCRIPT_NAME"], env["PATH_INFO"], env["QUERY_STRING"]) == ("", "/environ", "x=%2F")
 
 
 @pytest.mark.parametrize("method,uri,status", [("HEAD", "/head", 200), ("GET", "/204", 204),

@@ -20,6 +20,7 @@ import fcgiclient as fc  # noqa: E402
 import pytest  # noqa: E402
 
 from fcgi_toolkit import flupfix, settings  # noqa: E402
+from fcgi_toolkit.flupfix.connection import Connection  # noqa: E402
 from fcgi_toolkit.scoreboard import Scoreboard  # noqa: E402
 
 BEGIN = struct.pack("!HB5x", fc.RESPONDER, 0)
@@ -54,7 +55,7 @@ def serve_one(app, client_actions, threads=1):
     ours, theirs = socket.socketpair()
     ours.setblocking(False)
     recorder = RecordingSocket(ours)
-    conn = flupfix.Connection(recorder, "", server)
+    conn = Connection(recorder, "", server)
     server._connections.add(conn)
     thread = threading.Thread(target=conn.run)
     client = fc.FastCGIConnection.__new__(fc.FastCGIConnection)

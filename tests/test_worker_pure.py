@@ -11,11 +11,19 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fcgiclient as fc  # noqa: E402
 
+from flup.server import fcgi_base  # noqa: E402
+
 from fcgi_toolkit import flupfix  # noqa: E402
-from fcgi_toolkit.flupfix import (  # noqa: E402
-    ProtocolError, check_response_start, client_allowed, decode_pairs, describe_inflight,
-    encode_pair, encode_record, error_page, parse_web_server_addrs, response_head,
-    sanitize_environ, status_has_body,
+from fcgi_toolkit.flupfix.connection import Connection  # noqa: E402
+from fcgi_toolkit.flupfix.gateway import (  # noqa: E402
+    check_response_start, error_page, request_paths, response_head, sanitize_environ,
+    status_has_body,
+)
+from fcgi_toolkit.flupfix.records import (  # noqa: E402
+    ProtocolError, decode_pairs, encode_pair, encode_record,
+)
+from fcgi_toolkit.flupfix.server import (  # noqa: E402
+    client_allowed, describe_inflight, parse_web_server_addrs,
 )
 
 
@@ -96,12 +104,49 @@ def test_describe_inflight_oldest_first():
 
 def test_sanitize_environ_derives_path_info():
     env = {"REQUEST_URI": "/app/a%20b?x=1", "SCRIPT_NAME": "/app"}
-    sanitize_environ(env)
-    assert env["PATH_INFO"] == "/a b" and env["QUERY_STRING"] == "x=1"
+    sanitize_environ(env, "/app")
+    assert env["SCRIPT_NAME"] == "/app" and env["PATH_INFO"] == "/a b" and env["QUERY_STRING"] == "x=1"
     assert env["REQUEST_METHOD"] == "GET" and env["SERVER_PROTOCOL"] == "HTTP/1.0"
     env = {"REQUEST_URI": "/x?y", "DOCUMENT_URI": "/x", "QUERY_STRING": "y", "PATH_INFO": "/given"}
     sanitize_environ(env)
-    assert env["PATH_INFO"] == "/given"
+    assert env["PATH_INFO"] == "/given"   # web_server mode: a PATH_INFO sent is kept
+
+
+@pytest.mark.parametrize("uri, mount, expected", [
+    ("/", "", ("", "/")),
+    ("/anything/%E2%82%AC/%2F/x", "", ("", "/anything/\xe2\x82\xac///x")),   # decoded once, latin-1
+    ("/a//b/../c?q=%2F", "", ("", "/a//b/../c")),         # slashes and dot segments kept
+    ("/%2541", "", ("", "/%41")),                          # decoded once, not twice
+    ("/wiki/a%20b?x", "/wiki", ("/wiki", "/a b")),
+    ("/wiki", "/wiki", ("/wiki", "")),
+    ("/wiki/", "/wiki", ("/wiki", "/")),
+    ("/wikipedia/x", "/wiki", None),                      # not under the mount
+    ("/other", "/wiki", None),
+    ("http://example.com/wiki/x?y", "/wiki", ("/wiki", "/x")),   # absolute form
+    ("http://example.com", "", ("", "/")),
+    ("*", "", None),
+])
+def test_request_paths(uri, mount, expected):
+    assert request_paths(uri, mount) == expected
+
+
+def test_sanitize_environ_from_request_uri_ignores_the_web_servers_paths():
+    # nginx's $uri (decoded, slashes merged) and Apache's plain ProxyPass
+    # (SCRIPT_NAME = the whole path, no PATH_INFO) both give way.
+    nginx = {"REQUEST_URI": "/anything/%E2%82%AC/%2F/x", "PATH_INFO": "/anything/\xe2\x82\xac/x",
+             "SCRIPT_NAME": ""}
+    sanitize_environ(nginx, "", from_uri=True)
+    assert nginx["PATH_INFO"] == "/anything/\xe2\x82\xac///x" and nginx["SCRIPT_NAME"] == ""
+    apache = {"REQUEST_URI": "/version?x=1", "SCRIPT_NAME": "/version"}
+    sanitize_environ(apache, "", from_uri=False)   # no PATH_INFO sent: derived in either mode
+    assert (apache["SCRIPT_NAME"], apache["PATH_INFO"], apache["QUERY_STRING"]) == ("", "/version", "x=1")
+    mounted = {"REQUEST_URI": "/wiki/page", "SCRIPT_NAME": "/wiki/page"}
+    sanitize_environ(mounted, "/wiki", from_uri=True)
+    assert (mounted["SCRIPT_NAME"], mounted["PATH_INFO"]) == ("/wiki", "/page")
+    # Outside the mount: what the web server said (here nothing but DOCUMENT_URI).
+    outside = {"REQUEST_URI": "/elsewhere", "DOCUMENT_URI": "/elsewhere"}
+    sanitize_environ(outside, "/wiki", from_uri=True)
+    assert (outside["SCRIPT_NAME"], outside["PATH_INFO"]) == ("", "/elsewhere")
 
 
 def test_error_stream_takes_text_and_bytes():
@@ -135,11 +180,11 @@ def _serve_one(app, client_actions, monkeypatch, observer=None):
     """Run one Connection of a real WSGIServer over a socketpair."""
     def no_debug(*args):
         raise AssertionError("a debug string was formatted on the record path")
-    monkeypatch.setattr(flupfix.fcgi_base, "_debug", no_debug)   # bug 10
+    monkeypatch.setattr(fcgi_base, "_debug", no_debug)   # docs/flup6-bugs.rst, bug 10
     server = flupfix.WSGIServer(app, threads=1, idle_timeout=5, observer=observer)
     ours, theirs = socket.socketpair()
     ours.settimeout(5)
-    conn = flupfix.Connection(ours, "", server)
+    conn = Connection(ours, "", server)
     server._connections.add(conn)
     thread = threading.Thread(target=conn.run)
     thread.start()
@@ -188,3 +233,30 @@ def test_in_process_cant_mpx_and_unknown_role(monkeypatch):
         return True
 
     assert _serve_one(app, actions, monkeypatch)
+
+
+def test_flup_fcgi_single_cannot_be_constructed():
+    """docs/flup6-bugs.rst, bug 5: why the worker uses the threaded server
+    only.  Fails (and tells us) once flup6 fixes it."""
+    from flup.server import fcgi_single
+    with pytest.raises(AttributeError, match="has_key"):
+        fcgi_single.WSGIServer(lambda environ, start_response: [])
+
+
+def test_in_process_pairs_spanning_params_records(monkeypatch):
+    """docs/flup6-bugs.rst, bug 4: PARAMS is decoded once, at its end, so a
+    pair cut by a record boundary arrives whole."""
+    def app(environ, start_response):
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [environ["HTTP_COOKIE"].encode("latin-1")]
+
+    cookie = "c=" + "v" * 3000
+
+    def actions(c):
+        c.begin(1)
+        c.send_params(1, fc.cgi_params("/", extra={"HTTP_COOKIE": cookie}), split=7)
+        c.send_stdin(1, b"")
+        return c.read_response(1)
+
+    r = _serve_one(app, actions, monkeypatch)
+    assert r.status == 200 and r.body == cookie.encode()
