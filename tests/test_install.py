@@ -338,8 +338,12 @@ def test_install_into_a_running_supervisord_and_out_again(system):
         victim = next(i for n, i in sup.infos().items() if n.startswith("core:") and i["statename"] == "RUNNING")
         r = toolkit("recycle", "-c", path, victim["name"], timeout=120)
         assert r.returncode == 0, r.stdout + r.stderr
-        running = {i["pid"] for n, i in sup.infos().items() if n.startswith("core:") and i["statename"] == "RUNNING"}
-        assert victim["pid"] not in running and len(running) == 2
+        # The replacement serves as soon as its scoreboard says ready (recycle.ready_early);
+        # supervisord calls it RUNNING once startsecs have passed.
+        running = wait_for(lambda: (lambda pids: len(pids) == 2 and pids)(
+            {i["pid"] for n, i in sup.infos().items() if n.startswith("core:") and i["statename"] == "RUNNING"}),
+            30, "two RUNNING workers after the recycle")
+        assert victim["pid"] not in running
         r = toolkit("reload", "-c", path, timeout=180)
         assert r.returncode == 0, r.stdout + r.stderr
         assert http_request("127.0.0.1", port, "GET", "/").status == 200

