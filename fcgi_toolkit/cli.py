@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "status": ("fcgi_toolkit.status", "show every worker slot: state, RSS, requests, in-flight request"),
     "recycle": ("fcgi_toolkit.control", "gracefully replace one worker, capacity held"),
     "reload": ("fcgi_toolkit.control", "rolling restart of every worker, capacity held"),
+    "apply": ("fcgi_toolkit.applying", "apply the changes of the deployment file to the running deployment"),
     "metrics": ("fcgi_toolkit.metrics", "serve Prometheus metrics of the group (used by supervisord)"),
     "settings-table": ("fcgi_toolkit.deployfile", "print the settings table for README.rst"),
 }

@@ -84,6 +84,7 @@ class Coordinator:
         self.gateway = Gateway(rpc, dep.name)
         self.sampler = sampler
         self.clock = clock
+        self.deploy_path = dep.path
         self.limits = Limits.from_deployment(dep)
         self.check_interval = dep.recycle.check_interval
         self.ready_timeout = dep.recycle.ready_timeout
@@ -109,6 +110,27 @@ class Coordinator:
                      ", ".join(sorted(self.state.recycle)))
         if self.state.reload:
             log.info("resuming a rolling reload after a listener restart")
+
+    def reread(self) -> str:
+        """Take the limits and recycle settings from the deployment file again
+        (``fcgi-toolkit apply``); raise ConfigError for a bad file.
+
+        workers.count and workers.standby stay: they change supervisord's
+        slots, which a re-read cannot.  Every worker life draws its per-life
+        limits again, so a lowered limit recycles at once."""
+        from fcgi_toolkit import settings
+        dep = settings.load(self.deploy_path)
+        self.limits = replace(Limits.from_deployment(dep), count=self.limits.count,
+                              standby=self.limits.standby)
+        self.sampler.limits = self.limits
+        self.sampler.lives.clear()
+        for name in self.slot_names:
+            self.state.update_slot(name, life=None)
+        self.check_interval = dep.recycle.check_interval
+        self.ready_timeout = dep.recycle.ready_timeout
+        self.watch = FileWatch(dep.recycle.watch, dep.recycle.debounce, self.watch.stat)
+        log.info("deployment file re-read: %s", self.limits)
+        return "watchdog re-read %s" % dep.path
 
     # -- for the listener ----------------------------------------------------
     def busy(self) -> bool:

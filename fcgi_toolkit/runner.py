@@ -4,7 +4,9 @@
 starts ``supervisord -n`` as a child in its own session.  SIGINT and SIGTERM
 received by this process are forwarded to supervisord (the handlers only
 record the signal; the wait loop forwards it), which stops nginx, the
-watchdog and the workers gracefully.  When supervisord has exited, a socket
+watchdog and the workers gracefully.  SIGHUP means apply: the wait loop runs
+``fcgi-toolkit apply -c FILE`` (one at a time; a HUP during an apply runs
+another one after it), and the deployment keeps serving.  When supervisord has exited, a socket
 file it left behind is removed and its exit status becomes ours.
 
 With ``[[hosts]]``, ``run`` runs one host: ``FCGI_TOOLKIT_HOST=NAME
@@ -27,7 +29,7 @@ import sys
 import tempfile
 from typing import Optional, TextIO
 
-from fcgi_toolkit import render, settings
+from fcgi_toolkit import applying, render, settings
 from fcgi_toolkit.settings import ConfigError, Deployment
 
 _FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -41,11 +43,18 @@ def prepare(dep: Deployment, host: Optional[render.Host] = None) -> list[str]:
     for directory in (dep.runtime_dir, dep.log_dir):
         os.makedirs(directory, mode=0o755, exist_ok=True)
     scoreboard.create(dep.scoreboard_path, dep.slots)
-    return render.write_rendered(dep, files, dep.runtime_dir)
+    written = render.write_rendered(dep, files, dep.runtime_dir)
+    applying.save(dep, applying.values(dep))    # what this run applies: `apply` diffs against it
+    return written
 
 
 def supervisord_command(dep: Deployment) -> list[str]:
     return [sys.executable, "-m", "supervisor.supervisord", "-n", "-c", dep.supervisord_conf]
+
+
+def apply_command(dep: Deployment) -> list[str]:
+    """What SIGHUP to ``run`` runs: ``fcgi-toolkit apply`` of the same file."""
+    return [sys.executable, "-m", "fcgi_toolkit", "apply", "-c", dep.path]
 
 
 def check_runnable(dep: Deployment) -> None:
@@ -75,6 +84,7 @@ def banner(dep: Deployment) -> str:
                      % ", ".join(dep.nginx.web_servers))
     lines.append("  logs:    %s" % dep.log_dir)
     lines.append("  control: supervisorctl -c %s status" % dep.supervisord_conf)
+    lines.append("  apply:   fcgi-toolkit apply -c %s (or kill -HUP %d)" % (dep.path, os.getpid()))
     lines.append("  stop:    Ctrl-C (or kill -TERM %d)" % os.getpid())
     return "\n".join(lines)
 
@@ -98,6 +108,8 @@ def supervise(dep: Deployment, stream: TextIO = sys.stderr) -> int:
                                 stdin=subprocess.DEVNULL)
         print(banner(dep), file=stream, flush=True)
         forwarded = 0
+        applying_proc: Optional[subprocess.Popen] = None
+        apply_again = False
         while True:
             try:
                 status = proc.wait(timeout=0.2)
@@ -107,9 +119,17 @@ def supervise(dep: Deployment, stream: TextIO = sys.stderr) -> int:
             while forwarded < len(received):
                 sig = received[forwarded]
                 forwarded += 1
-                # supervisord treats INT, TERM and QUIT as shutdown, HUP as restart;
-                # a HUP from a closed terminal must stop us, so it becomes TERM.
-                proc.send_signal(signal.SIGTERM if sig == signal.SIGHUP else sig)
+                if sig == signal.SIGHUP:
+                    # HUP means "apply the deployment file" (systemctl reload),
+                    # never supervisord's own restart, which closes the socket.
+                    apply_again = True
+                else:
+                    proc.send_signal(sig)
+            if applying_proc is not None and applying_proc.poll() is not None:
+                applying_proc = None
+            if apply_again and applying_proc is None:
+                apply_again = False
+                applying_proc = subprocess.Popen(apply_command(dep), stdin=subprocess.DEVNULL)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

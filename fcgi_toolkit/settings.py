@@ -13,6 +13,7 @@ nginx.conf.
 from __future__ import annotations
 
 import difflib
+import enum
 import os
 import sys
 from dataclasses import dataclass, field
@@ -179,6 +180,46 @@ REGISTRY: tuple[Setting, ...] = (
     Setting("control", "password", plain_text, "",
             "Password for the TCP control port."),
 )
+
+
+class Applied(enum.Enum):
+    """How a changed key takes effect in a running deployment (``fcgi-toolkit apply``)."""
+    WATCHDOG = "watchdog re-reads"          # the coordinator swaps its Limits
+    ROLLING = "rolling worker replacement"  # read by each worker at start
+    NGINX = "nginx graceful reload"         # nginx files re-rendered, HUP to nginx
+    SUPERVISORD = "needs a new supervisord"  # rendered into supervisord.conf itself
+
+
+#: The one table of how each key is applied (README's settings table shows
+#: it).  workers.count and workers.standby change supervisord's numprocs
+#: (the scoreboard's size and every slot name), so for now they need a new
+#: supervisord too.
+APPLIED_BY: Mapping[str, Applied] = MappingProxyType({
+    **{key: Applied.WATCHDOG for key in (
+        "limits.max_rss", "limits.max_requests", "limits.max_requests_jitter", "limits.max_age",
+        "limits.request_timeout", "limits.slow_request", "recycle.check_interval",
+        "recycle.max_concurrent", "recycle.ready_timeout", "recycle.flap_window",
+        "recycle.watch", "recycle.debounce")},
+    **{key: Applied.ROLLING for key in (
+        "app.wsgi", "app.environment", "workers.threads", "workers.idle_timeout",
+        "workers.debug")},
+    **{key: Applied.NGINX for key in (
+        "nginx.listen", "nginx.server_name", "nginx.location", "nginx.static",
+        "nginx.keepalive", "nginx.connect_timeout", "nginx.read_timeout",
+        "nginx.client_max_body_size")},
+    **{key: Applied.SUPERVISORD for key in (
+        "app.name", "app.directory", "app.python", "workers.count", "workers.standby",
+        "workers.socket", "workers.socket_mode", "workers.socket_owner", "workers.user",
+        "workers.graceful_timeout", "nginx.managed", "nginx.web_servers", "nginx.binary",
+        "runtime.dir", "runtime.log_dir", "runtime.templates", "metrics.listen",
+        "control.inet_port", "control.username", "control.password", "hosts")},
+})
+
+
+def applied_by(key: str) -> Applied:
+    """How ``key`` ("section.name", or "hosts" for any ``[[hosts]]`` key) takes effect."""
+    return APPLIED_BY["hosts" if key.startswith("hosts") else key]
+
 
 #: Keys of one ``[[hosts]]`` table (several machines running the same worker
 #: group behind one nginx).  A default of None is derived: ``count`` from
@@ -357,6 +398,7 @@ class Deployment:
             slots=self.slots,
             slot_names=self.slot_names(),
             slot_process_name=names.SUPERVISOR_SLOT_NAME,
+            nginx_program=names.nginx_program(self.name),
             runtime_dir=self.runtime_dir,
             log_dir=self.log_dir,
             scoreboard_path=self.scoreboard_path,
@@ -631,11 +673,12 @@ def _rst_escape(text: str) -> str:
 
 def settings_table() -> str:
     """The README's settings table (reStructuredText list-table), from the registry."""
-    lines = [".. list-table::", "   :header-rows: 1", "   :widths: 25 20 55", "",
-             "   * - Key", "     - Default", "     - Meaning"]
+    lines = [".. list-table::", "   :header-rows: 1", "   :widths: 22 16 44 18", "",
+             "   * - Key", "     - Default", "     - Meaning", "     - Applied by (``apply``)"]
     for s in REGISTRY + HOST_REGISTRY:
         key = "hosts[].%s" % s.name if s.section == "hosts" else s.key
         default = ("(required)" if s.default is REQUIRED else
                    "(derived)" if s.default is None else repr(s.default))
-        lines += ["   * - ``%s``" % key, "     - ``%s``" % default, "     - %s" % _rst_escape(s.help)]
+        lines += ["   * - ``%s``" % key, "     - ``%s``" % default, "     - %s" % _rst_escape(s.help),
+                  "     - %s" % applied_by(s.key).value]
     return "\n".join(lines) + "\n"
