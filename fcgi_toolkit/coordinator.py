@@ -36,7 +36,7 @@ from typing import Any, Callable, Optional
 
 from supervisor.states import ProcessStates
 
-from fcgi_toolkit import policy, recycle, statefile
+from fcgi_toolkit import names, policy, recycle, statefile
 from fcgi_toolkit.names import format_duration, format_size
 from fcgi_toolkit.policy import Limits, Memory, Recycle, Snapshot
 from fcgi_toolkit.recycle import Operation, Phase, StartProcess
@@ -85,6 +85,9 @@ class Coordinator:
         self.sampler = sampler
         self.clock = clock
         self.deploy_path = dep.path
+        # The managed nginx (autostart=false) waits for the first ready worker.
+        self.nginx_waiting = names.nginx_program(dep.name) if (
+            dep.nginx.managed and not dep.multi_host) else ""
         self.limits = Limits.from_deployment(dep)
         self.check_interval = dep.recycle.check_interval
         self.ready_timeout = dep.recycle.ready_timeout
@@ -188,6 +191,7 @@ class Coordinator:
             return snap
         self._ops_changed = False
         try:
+            self._start_nginx(snap)
             self._observe(snap, now)
             for op in list(self.state.recycle.values()):
                 self._step(op, *recycle.advance(op, snap, now, self.ready_timeout), now=now)
@@ -207,6 +211,20 @@ class Coordinator:
         finally:
             self.save()
         return snap
+
+    def _start_nginx(self, snap: Snapshot) -> None:
+        """Start the managed nginx once a worker accepts (never before: a 502)."""
+        if not self.nginx_waiting or not snap.ready_count():
+            return
+        try:
+            self.gateway.start_program(self.nginx_waiting)
+        except CommandFailed as exc:
+            if exc.shutting_down:
+                return self.stand_by()
+            log.error("cannot start %s: %s", self.nginx_waiting, exc)
+        else:
+            log.info("%s started: a worker accepts", self.nginx_waiting)
+        self.nginx_waiting = ""
 
     def stand_by(self, shutting_down: bool = True) -> None:
         """Stop acting while supervisord shuts down (logged once, not as an error)."""

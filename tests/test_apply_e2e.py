@@ -44,6 +44,9 @@ def test_apply_under_load_limits_threads_and_nginx_with_zero_failures(cluster):
     c = cluster("core_app:application", name="ap", recycle=dict(FAST),
                 workers={"threads": 1})
     assert _drift(c)["drift"] == []
+    # nginx was started only once a worker accepted: no 502 at a fresh start.
+    log = c.supervisord_log()
+    assert log.index("spawned: 'ap_nginx'") > log.index("success: ap_0"), log
     nginx_pid = c.rpc.supervisor.getProcessInfo("ap_nginx")["pid"]
     _edit(c, limits={"max_requests": 40}, workers={"threads": 2},
           nginx={"read_timeout": "45s"}, recycle={"flap_window": "1s"})
