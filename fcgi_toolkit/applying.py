@@ -126,6 +126,12 @@ def drift(dep: Deployment) -> Optional[list[str]]:
 # The I/O shell
 # --------------------------------------------------------------------------
 
+def apply_command(path: str) -> list[str]:
+    """``fcgi-toolkit apply -c PATH``, as SIGHUP to ``run`` and a watched
+    deployment file run it (in a child process: neither may block)."""
+    return [sys.executable, "-m", "fcgi_toolkit", "apply", "-c", path]
+
+
 def reload_nginx(dep: Deployment, rpc: Any) -> str:
     """Re-render the nginx files atomically and HUP the managed nginx."""
     from fcgi_toolkit import render

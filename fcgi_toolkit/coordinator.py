@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
 import time
 import xmlrpc.client
 from dataclasses import dataclass, field, replace
@@ -36,7 +38,7 @@ from typing import Any, Callable, Optional
 
 from supervisor.states import ProcessStates
 
-from fcgi_toolkit import names, policy, recycle, statefile
+from fcgi_toolkit import applying, names, policy, recycle, statefile
 from fcgi_toolkit.names import format_duration, format_size
 from fcgi_toolkit.policy import Limits, Memory, Recycle, Snapshot
 from fcgi_toolkit.recycle import Operation, Phase, StartProcess
@@ -80,11 +82,14 @@ class Coordinator:
     """
 
     def __init__(self, dep: Any, rpc: Any, sampler: Any, clock: Callable[[], float] = time.time,
-                 stat: Callable[[str], os.stat_result] = os.stat):
+                 stat: Callable[[str], os.stat_result] = os.stat,
+                 spawn: Callable[..., Any] = subprocess.Popen):
         self.gateway = Gateway(rpc, dep.name)
         self.sampler = sampler
         self.clock = clock
         self.deploy_path = dep.path
+        self.spawn = spawn
+        self.applying: Optional[Any] = None     # the Popen of an apply of the watched deploy file
         # The managed nginx (autostart=false) waits for the first ready worker.
         self.nginx_waiting = names.nginx_program(dep.name) if (
             dep.nginx.managed and not dep.multi_host) else ""
@@ -190,6 +195,8 @@ class Coordinator:
         if self.standing_by:
             return snap
         self._ops_changed = False
+        if self.applying is not None and self.applying.poll() is not None:
+            self.applying = None                # reaped: the apply has answered
         try:
             self._start_nginx(snap)
             self._observe(snap, now)
@@ -197,7 +204,7 @@ class Coordinator:
                 self._step(op, *recycle.advance(op, snap, now, self.ready_timeout), now=now)
             self.requests.serve(snap, now)
             if self.watch.due(now, may_fire=self.state.reload is None):
-                self.reloads.begin(snap, now, "watch")
+                self._watched_change(snap, now, self.watch.take_changed())
             self.reloads.advance(snap, now)
             ops_before = bool(self.state.recycle)
             for action in policy.decide(snap, now, self.limits, self.memory()):
@@ -211,6 +218,23 @@ class Coordinator:
         finally:
             self.save()
         return snap
+
+    def _watched_change(self, snap: Snapshot, now: float, changed: set[str]) -> None:
+        """A watched file changed: the deployment file is applied (``fcgi-toolkit
+        apply`` in a child process, which asks this coordinator back); any
+        other file means a rolling reload."""
+        if self.deploy_path in changed:
+            if self.applying is None:
+                log.info("deployment file %s changed: applying it", self.deploy_path)
+                # stdout is the event protocol: the child writes to our log (stderr).
+                self.applying = self.spawn(applying.apply_command(self.deploy_path),
+                                           stdin=subprocess.DEVNULL, stdout=sys.stderr)
+            else:
+                self.watch.changed.add(self.deploy_path)   # again after this apply
+                self.watch.changed_at = now
+            changed = changed - {self.deploy_path}
+        if changed:
+            self.reloads.begin(snap, now, "watch")
 
     def _start_nginx(self, snap: Snapshot) -> None:
         """Start the managed nginx once a worker accepts (never before: a 502)."""

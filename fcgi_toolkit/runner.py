@@ -52,11 +52,6 @@ def supervisord_command(dep: Deployment) -> list[str]:
     return [sys.executable, "-m", "supervisor.supervisord", "-n", "-c", dep.supervisord_conf]
 
 
-def apply_command(dep: Deployment) -> list[str]:
-    """What SIGHUP to ``run`` runs: ``fcgi-toolkit apply`` of the same file."""
-    return [sys.executable, "-m", "fcgi_toolkit", "apply", "-c", dep.path]
-
-
 def check_runnable(dep: Deployment) -> None:
     """Refuse early, with one line, what supervisord would only log."""
     if dep.multi_host and dep.host is None:
@@ -129,7 +124,8 @@ def supervise(dep: Deployment, stream: TextIO = sys.stderr) -> int:
                 applying_proc = None
             if apply_again and applying_proc is None:
                 apply_again = False
-                applying_proc = subprocess.Popen(apply_command(dep), stdin=subprocess.DEVNULL)
+                applying_proc = subprocess.Popen(applying.apply_command(dep.path),
+                                                 stdin=subprocess.DEVNULL)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -34,6 +34,7 @@ class FileWatch:
         self.stat = stat
         self._signature: Optional[dict] = None
         self.changed_at: Optional[float] = None     # last change not acted on yet
+        self.changed: set[str] = set()              # files changed since the last firing
 
     @property
     def pending(self) -> bool:
@@ -65,10 +66,16 @@ class FileWatch:
                          ", ".join(changed), format_duration(self.debounce))
             self._signature = sig
             self.changed_at = now
+            self.changed.update(changed)
         if self.changed_at is not None and now - self.changed_at >= self.debounce and may_fire:
             self.changed_at = None
             return True
         return False
+
+    def take_changed(self) -> set[str]:
+        """The files changed since the last firing (and forget them)."""
+        changed, self.changed = self.changed, set()
+        return changed
 
 
 def resolve_slot(worker: str, group: str, slot_names: Sequence[str]) -> Optional[str]:
@@ -124,8 +131,9 @@ class OperatorRequests:
                 statefile.answer(self.co.runtime_dir, request_id, False, refusal)
             elif request.op == "recycle":
                 self._recycle(snap, now, request_id, request.worker)
-            elif request.op == "apply" and not self.co.state.reload:
-                self._apply(snap, now, request)
+            elif request.op == "apply":
+                if not self.co.state.reload:    # else it waits for the reload to end
+                    self._apply(snap, now, request)
             elif self.co.state.reload:
                 statefile.answer(self.co.runtime_dir, request_id, False,
                                  "a rolling reload is already in progress")

@@ -177,3 +177,34 @@ def test_apply_request_with_a_bad_file_is_refused_and_keeps_the_limits(tmp_path)
     res = statefile.result(w.dep.runtime_dir, rid)
     assert res and not res["ok"] and "app.name" in res["message"], res
     assert w.co.limits == before
+
+
+def test_a_watched_deployment_file_is_applied_once_debounced_other_files_reload(tmp_path,
+                                                                               caplog):
+    caplog.set_level("INFO", logger="fcgi_toolkit.watchdog")
+    w = World(tmp_path, recycle={"watch": ["deploy.toml", "version.txt"], "debounce": 1})
+    spawned = []
+
+    class Child:
+        def __init__(self, argv, **kwargs):
+            spawned.append(argv)
+            assert kwargs["stdout"] is not None     # never the listener's protocol stdout
+
+        def poll(self):
+            return 0
+
+    w.co.spawn = Child
+    deploy, version = str(tmp_path / "deploy.toml"), str(tmp_path / "version.txt")
+    w.files = {deploy: (1, 10), version: (1, 1)}
+    w.started()
+    for size in (11, 12, 13):               # three edits inside one debounce window
+        w.files[deploy] = (1, size)
+        w.passes(1, every=0.3)
+    assert spawned == []
+    w.passes(6, every=0.3)
+    assert spawned == [applying.apply_command(deploy)]
+    assert w.state()["reload"] is None      # the apply decides whether workers are replaced
+    assert "rolling reload begins" not in caplog.text
+    w.files[version] = (1, 2)
+    w.passes(6, every=0.3)
+    assert len(spawned) == 1 and "rolling reload begins (watch)" in caplog.text
