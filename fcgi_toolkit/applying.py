@@ -9,6 +9,9 @@ it (:data:`fcgi_toolkit.settings.APPLIED_BY`, :func:`plan`):
 
 * watchdog keys: a request through the operator-request channel; the
   watchdog re-reads the file and swaps its limits;
+* workers.count and workers.standby: the same request; within the running
+  supervisord's slots (workers.max_slots) the watchdog then starts or stops
+  workers (never ``supervisorctl update``, which stops the group first);
 * worker keys: the same request asks for a rolling replacement of every
   worker (each new worker reads the file at start), capacity held;
 * nginx keys: the nginx files are re-rendered atomically and the managed
@@ -64,23 +67,33 @@ class Plan:
     rolling: tuple[str, ...] = ()
     nginx: tuple[str, ...] = ()
     supervisord: tuple[str, ...] = ()
+    count: tuple[str, ...] = ()
 
     @property
     def applicable(self) -> tuple[str, ...]:
-        return self.watchdog + self.rolling + self.nginx
+        return self.watchdog + self.count + self.rolling + self.nginx
 
     @property
     def needs_watchdog(self) -> bool:
-        return bool(self.watchdog or self.rolling)
+        return bool(self.watchdog or self.count or self.rolling)
 
 
-def plan(changed: list[str]) -> Plan:
-    """Group ``changed`` keys by :func:`fcgi_toolkit.settings.applied_by`."""
+def plan(changed: list[str], fits: bool = True) -> Plan:
+    """Group ``changed`` keys by :func:`fcgi_toolkit.settings.applied_by`; a
+    count change that does not ``fit`` the running slots needs a new supervisord."""
     by: dict[Applied, list[str]] = {way: [] for way in Applied}
     for key in changed:
-        by[settings.applied_by(key)].append(key)
+        way = settings.applied_by(key)
+        by[Applied.SUPERVISORD if way is Applied.COUNT and not fits else way].append(key)
     return Plan(tuple(by[Applied.WATCHDOG]), tuple(by[Applied.ROLLING]),
-                tuple(by[Applied.NGINX]), tuple(by[Applied.SUPERVISORD]))
+                tuple(by[Applied.NGINX]), tuple(by[Applied.SUPERVISORD]),
+                tuple(by[Applied.COUNT]))
+
+
+def running_slots(running: Mapping[str, Any]) -> int:
+    """The running supervisord's slots, from the applied snapshot."""
+    return settings.slot_total(running["workers.count"], running["workers.standby"],
+                               running.get("workers.max_slots", 0))
 
 
 def after(running: Mapping[str, Any], wanted: Mapping[str, Any],
@@ -153,7 +166,7 @@ def apply(dep: Deployment, out: Any = sys.stdout, err: Any = sys.stderr,
               % (dep.path, snapshot_path(dep)), file=err)
         return 1
     wanted = values(dep)
-    todo = plan(diff(running, wanted))
+    todo = plan(diff(running, wanted), fits=dep.fits(running_slots(running)))
     if not todo.applicable and not todo.supervisord:
         print("apply: nothing changed", file=out)
         return 0
@@ -170,7 +183,8 @@ def apply(dep: Deployment, out: Any = sys.stdout, err: Any = sys.stderr,
     if todo.needs_watchdog:
         timeout = request_wait(dep, "reload") if todo.rolling else recycle_time(dep)
         print("apply: asked the watchdog (%s), waiting up to %ds"
-              % (", ".join(todo.watchdog + todo.rolling), timeout), file=out, flush=True)
+              % (", ".join(todo.watchdog + todo.count + todo.rolling), timeout), file=out,
+              flush=True)
         result = control.submit(dep, {"op": "apply", "rolling": bool(todo.rolling)}, timeout,
                                 out=out)
         if result is None:
@@ -182,7 +196,7 @@ def apply(dep: Deployment, out: Any = sys.stdout, err: Any = sys.stderr,
             status = 1
         else:
             print("apply: %s" % result.get("message", ""), file=out)
-            applied += todo.watchdog + todo.rolling
+            applied += todo.watchdog + todo.count + todo.rolling
     save(dep, after(running, wanted, applied))
     return status
 

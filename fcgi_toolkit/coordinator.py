@@ -123,13 +123,15 @@ class Coordinator:
         """Take the limits and recycle settings from the deployment file again
         (``fcgi-toolkit apply``); raise ConfigError for a bad file.
 
-        workers.count and workers.standby stay: they change supervisord's
-        slots, which a re-read cannot.  Every worker life draws its per-life
-        limits again, so a lowered limit recycles at once."""
+        workers.count and workers.standby are taken when they fit the
+        running supervisord's slots (the next passes start or stop workers);
+        otherwise they stay.  Every worker life draws its per-life limits
+        again, so a lowered limit recycles at once."""
         from fcgi_toolkit import settings
         dep = settings.load(self.deploy_path)
-        self.limits = replace(Limits.from_deployment(dep), count=self.limits.count,
-                              standby=self.limits.standby)
+        old, self.limits = self.limits, Limits.from_deployment(dep)
+        if not dep.fits(len(self.slot_names)):
+            self.limits = replace(self.limits, count=old.count, standby=old.standby)
         self.sampler.limits = self.limits
         self.sampler.lives.clear()
         for name in self.slot_names:

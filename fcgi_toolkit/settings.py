@@ -96,6 +96,9 @@ REGISTRY: tuple[Setting, ...] = (
             "Workers serving at all times."),
     Setting("workers", "standby", non_negative_int, 1,
             "Extra slots used to start a replacement before its predecessor stops."),
+    Setting("workers", "max_slots", non_negative_int, 0,
+            "Process slots supervisord has (numprocs); workers.count and workers.standby can "
+            "then grow up to it with `apply`; 0: workers.count + workers.standby.", 8),
     Setting("workers", "threads", positive_int, 1,
             "Requests one worker serves at once (flup thread pool size)."),
     Setting("workers", "socket", socket_address, "",
@@ -186,14 +189,15 @@ class Applied(enum.Enum):
     """How a changed key takes effect in a running deployment (``fcgi-toolkit apply``)."""
     WATCHDOG = "watchdog re-reads"          # the coordinator swaps its Limits
     ROLLING = "rolling worker replacement"  # read by each worker at start
+    COUNT = "count change"                  # within workers.max_slots: the watchdog
+                                            # starts or stops slots; beyond: new supervisord
     NGINX = "nginx graceful reload"         # nginx files re-rendered, HUP to nginx
     SUPERVISORD = "needs a new supervisord"  # rendered into supervisord.conf itself
 
 
 #: The one table of how each key is applied (README's settings table shows
-#: it).  workers.count and workers.standby change supervisord's numprocs
-#: (the scoreboard's size and every slot name), so for now they need a new
-#: supervisord too.
+#: it).  workers.count and workers.standby change live while their sum stays
+#: within the running supervisord's slots (workers.max_slots).
 APPLIED_BY: Mapping[str, Applied] = MappingProxyType({
     **{key: Applied.WATCHDOG for key in (
         "limits.max_rss", "limits.max_requests", "limits.max_requests_jitter", "limits.max_age",
@@ -203,13 +207,13 @@ APPLIED_BY: Mapping[str, Applied] = MappingProxyType({
     **{key: Applied.ROLLING for key in (
         "app.wsgi", "app.environment", "workers.threads", "workers.idle_timeout",
         "workers.debug")},
+    **{key: Applied.COUNT for key in ("workers.count", "workers.standby")},
     **{key: Applied.NGINX for key in (
         "nginx.listen", "nginx.server_name", "nginx.location", "nginx.static",
         "nginx.keepalive", "nginx.connect_timeout", "nginx.read_timeout",
         "nginx.client_max_body_size")},
     **{key: Applied.SUPERVISORD for key in (
-        "app.name", "app.directory", "app.python", "workers.count", "workers.standby",
-        "workers.socket", "workers.socket_mode", "workers.socket_owner", "workers.user",
+        "app.name", "app.directory", "app.python", "workers.max_slots", "workers.socket", "workers.socket_mode", "workers.socket_owner", "workers.user",
         "workers.graceful_timeout", "nginx.managed", "nginx.web_servers", "nginx.binary",
         "runtime.dir", "runtime.log_dir", "runtime.templates", "metrics.listen",
         "control.inet_port", "control.username", "control.password", "hosts")},
@@ -327,8 +331,19 @@ class Deployment:
 
     @property
     def slots(self) -> int:
-        """Number of process slots: serving workers plus standby slots."""
+        """Number of process slots (supervisord's numprocs): workers.max_slots,
+        at least serving workers plus standby slots."""
+        return slot_total(self.workers.count, self.workers.standby, self.workers.max_slots)
+
+    @property
+    def used_slots(self) -> int:
+        """Slots the watchdog starts workers in: serving plus standby (the
+        rest, up to :attr:`slots`, are spare for a later ``apply``)."""
         return self.workers.count + self.workers.standby
+
+    def fits(self, slots: int) -> bool:
+        """Whether this file's workers and standby fit a supervisord of ``slots`` slots."""
+        return self.used_slots <= slots
 
     def slot_names(self) -> list[str]:
         return names.slot_names(self.name, self.slots)
@@ -414,6 +429,11 @@ class Deployment:
             web_server_addrs=",".join(self.nginx.web_servers),
         )
         return ctx
+
+
+def slot_total(count: int, standby: int, max_slots: int) -> int:
+    """supervisord's numprocs for these settings (one home for the formula)."""
+    return max(max_slots, count + standby)
 
 
 def _error(path: str, key: str, value: Any, reason: str) -> ConfigError:

@@ -232,8 +232,12 @@ def gather(dep: "Deployment", rpc: Any, now: Optional[float] = None,
         board.close()
     from fcgi_toolkit import applying
     keys = applying.drift(dep)
+    # Spare slots (workers.max_slots) are shown only while they hold a process.
+    listed = {s.name: s for s in snap.slots}
+    shown = [name for i, name in enumerate(dep.slot_names())
+             if i < dep.used_slots or (name in listed and not listed[name].startable)]
     return replace(group_status(dep.name, dep.workers.count, dep.workers.standby,
-                                dep.slot_names(), snap.slots,
+                                shown, snap.slots,
                                 statefile.read_state(dep.state_path), now),
                    drift=None if keys is None else tuple(keys))
 

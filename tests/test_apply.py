@@ -53,8 +53,18 @@ def test_plan_groups_keys_by_how_they_take_effect():
     assert p.watchdog == ("limits.max_requests", "recycle.check_interval")
     assert p.rolling == ("workers.threads",)
     assert p.nginx == ("nginx.read_timeout",)
-    assert p.supervisord == ("workers.socket", "workers.count")
+    assert p.supervisord == ("workers.socket",) and p.count == ("workers.count",)
     assert p.needs_watchdog and not applying.plan(["nginx.listen"]).needs_watchdog
+    beyond = applying.plan(["workers.count", "workers.standby"], fits=False)
+    assert beyond.supervisord == ("workers.count", "workers.standby") and not beyond.count
+
+
+def test_spare_slots_fit_a_larger_count_and_only_count_plus_standby_are_used(tmp_path):
+    dep = _dep(tmp_path, workers={"count": 2, "standby": 1, "max_slots": 5})
+    assert (dep.slots, dep.used_slots) == (5, 3) and len(dep.slot_names()) == 5
+    assert _dep(tmp_path, workers={"count": 3, "standby": 1}).fits(5)
+    assert not _dep(tmp_path, workers={"count": 4, "standby": 2}).fits(5)
+    assert applying.running_slots(applying.values(dep)) == 5
 
 
 def test_after_keeps_unapplied_keys_so_their_drift_stays_visible():
@@ -72,7 +82,7 @@ def test_a_key_needing_a_new_supervisord_is_reported_not_applied(tmp_path):
     applying.save(dep, applying.values(dep))
     before = applying.load(dep)
     dep = _dep(tmp_path, workers={"socket": "tcp://127.0.0.1:9999", "count": 3})
-    assert applying.drift(dep) == ["workers.count", "workers.socket"]
+    assert applying.drift(dep) == ["workers.count", "workers.socket"]   # 3 + 1 > 3 slots
     out, err = io.StringIO(), io.StringIO()
     assert applying.apply(dep, out, err) == 1
     assert "needs a new supervisord" in err.getvalue()
@@ -208,3 +218,29 @@ def test_a_watched_deployment_file_is_applied_once_debounced_other_files_reload(
     w.files[version] = (1, 2)
     w.passes(6, every=0.3)
     assert len(spawned) == 1 and "rolling reload begins (watch)" in caplog.text
+
+
+def test_count_and_standby_change_within_the_spare_slots_without_a_group_restart(tmp_path):
+    w, data = _world_with_file(tmp_path, workers={"max_slots": 5})
+    data["workers"]["max_slots"] = 5
+    w.started()
+    assert sorted(w.sup.running()) == ["wiki_00", "wiki_01"]
+    # A recycle's replacement starts in the one standby slot, never a spare one.
+    rid = statefile.enqueue(w.dep.runtime_dir, {"op": "recycle", "worker": "wiki_00"})
+    w.passes(6)
+    assert statefile.result(w.dep.runtime_dir, rid)["ok"]
+    assert sorted(w.sup.running()) == ["wiki_01", "wiki_02"]
+    data["workers"]["count"] = 3
+    (tmp_path / "deploy.toml").write_text(toml_dumps(data))
+    rid = statefile.enqueue(w.dep.runtime_dir, {"op": "apply"})
+    w.passes(4)
+    assert statefile.result(w.dep.runtime_dir, rid)["ok"]
+    assert len(w.sup.running()) == 3 and w.co.limits.count == 3
+    assert not {"wiki_04"} & set(w.sup.running())
+    assert not any(c[0] == "stopProcess" and c[1] in ("wiki:wiki_01", "wiki:wiki_02")
+                   for c in w.sup.calls)
+    data["workers"]["count"] = 2
+    (tmp_path / "deploy.toml").write_text(toml_dumps(data))
+    statefile.enqueue(w.dep.runtime_dir, {"op": "apply"})
+    w.passes(4)
+    assert len(w.sup.running()) == 2

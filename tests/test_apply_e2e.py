@@ -113,3 +113,45 @@ def test_sighup_to_run_applies_the_edit_with_zero_failures_and_term_still_stops(
         assert c.proc.wait(60) == 0
     finally:
         c.stop()
+
+
+def _active(c):
+    return [n for n, i in c.process_info().items() if i["statename"] in ("STARTING", "RUNNING")]
+
+
+def test_count_2_3_2_and_standby_1_2_without_a_group_restart_zero_failures(cluster):
+    c = cluster("core_app:application", name="cnt", recycle=dict(FAST),
+                workers={"threads": 1, "max_slots": 5})
+    assert len(c.process_info()) == 5 and len(_active(c)) == 2
+    load = c.load(SLOW, threads=64, duration=90).start()
+    try:
+        wait_for(lambda: load.total >= 64, 20, "the load to be served before apply")
+        _edit(c, workers={"count": 3})
+        assert _drift(c)["drift"] == ["workers.count"]
+        r = c.toolkit("apply", "-c", c.deploy_path, timeout=60)
+        assert r.returncode == 0, r.stdout + r.stderr
+        c.wait_ready(3, timeout=30)
+        _edit(c, workers={"count": 2})
+        r = c.toolkit("apply", "-c", c.deploy_path, timeout=60)
+        assert r.returncode == 0, r.stdout + r.stderr
+        wait_for(lambda: len(_active(c)) == 2, 30, "count back to 2")
+        _edit(c, workers={"standby": 2})
+        r = c.toolkit("apply", "-c", c.deploy_path, timeout=60)
+        assert r.returncode == 0, r.stdout + r.stderr
+        wait_for(lambda: [w["state"] for w in _drift(c)["workers"]].count("standby") == 2, 20,
+                 "two standby slots")
+    finally:
+        load.stop()
+        load.join()
+    assert load.failed == 0, load.summary()
+    after = _drift(c)
+    assert after["drift"] == [] and (after["count"], after["standby"]) == (2, 2)
+    assert len(c.ready_workers()) == 2 and len(after["workers"]) == 4   # slot 04 spare: hidden
+    assert "Creating socket" not in c.supervisord_log().split("spawned: 'cnt_01'", 1)[1]
+    statuses = c.access_log_statuses()
+    assert statuses[502] == 0 and statuses[504] == 0, statuses
+    # Beyond workers.max_slots a count change needs a new supervisord: reported.
+    _edit(c, workers={"count": 4})
+    r = c.toolkit("apply", "-c", c.deploy_path, timeout=60)
+    assert r.returncode == 1 and "workers.count" in r.stderr, r.stdout + r.stderr
+    assert len(_active(c)) == 2
