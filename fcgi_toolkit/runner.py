@@ -6,8 +6,9 @@ received by this process are forwarded to supervisord (the handlers only
 record the signal; the wait loop forwards it), which stops nginx, the
 watchdog and the workers gracefully.  SIGHUP means apply: the wait loop runs
 ``fcgi-toolkit apply -c FILE`` (one at a time; a HUP during an apply runs
-another one after it), and the deployment keeps serving.  When supervisord has exited, a socket
-file it left behind is removed and its exit status becomes ours.
+another one after it), and the deployment keeps serving.  When supervisord
+has exited, a socket file it left behind is removed and its exit status
+becomes ours.
 
 With ``[[hosts]]``, ``run`` runs one host: ``FCGI_TOOLKIT_HOST=NAME
 fcgi-toolkit run`` starts that host's supervisord (workers, watchdog, no
@@ -96,6 +97,7 @@ def supervise(dep: Deployment, stream: TextIO = sys.stderr) -> int:
         received.append(signum)
 
     previous = {sig: signal.signal(sig, on_signal) for sig in _FORWARDED}
+    applying_proc: Optional[subprocess.Popen] = None
     try:
         # Own session: a terminal's Ctrl-C reaches only us, and we forward
         # exactly one signal, so supervisord sees one clean shutdown request.
@@ -103,7 +105,6 @@ def supervise(dep: Deployment, stream: TextIO = sys.stderr) -> int:
                                 stdin=subprocess.DEVNULL)
         print(banner(dep), file=stream, flush=True)
         forwarded = 0
-        applying_proc: Optional[subprocess.Popen] = None
         apply_again = False
         while True:
             try:
@@ -129,6 +130,9 @@ def supervise(dep: Deployment, stream: TextIO = sys.stderr) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if applying_proc is not None and applying_proc.poll() is None:
+            applying_proc.terminate()       # supervisord is gone: nothing left to apply to
+            applying_proc.wait(10)
     _remove_stale_socket(dep)
     if received:
         print("fcgi-toolkit: stopped (supervisord exit status %d)" % status, file=stream)

@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 
 from fcgi_toolkit import applying, render, settings, statefile
 from fcgi_toolkit.settings import Applied

@@ -74,7 +74,7 @@ def test_apply_under_load_limits_threads_and_nginx_with_zero_failures(cluster):
     assert set(_threads_of_ready_workers(c).values()) == {"2 thread(s)"}
     site = open(os.path.join(c.runtime_dir, "nginx-site.conf")).read()
     assert "fastcgi_read_timeout 45s;" in site
-    assert c.rpc.supervisor.getProcessInfo("ap_nginx")["pid"] == nginx_pid       # HUP, not a restart
+    assert c.rpc.supervisor.getProcessInfo("ap_nginx")["pid"] == nginx_pid   # HUP: same nginx
     statuses = c.access_log_statuses()
     assert statuses[502] == 0 and statuses[504] == 0, statuses
 
