@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 
-
 from fcgi_toolkit import applying, render, settings, statefile
 from fcgi_toolkit.settings import Applied
 from harness import toml_dumps
