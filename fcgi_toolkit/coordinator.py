@@ -93,6 +93,7 @@ class Coordinator:
         # The managed nginx (autostart=false) waits for the first ready worker.
         self.nginx_waiting = names.nginx_program(dep.name) if (
             dep.nginx.managed and not dep.multi_host) else ""
+        self.nginx_since: Optional[float] = None
         self.limits = Limits.from_deployment(dep)
         self.check_interval = dep.recycle.check_interval
         self.ready_timeout = dep.recycle.ready_timeout
@@ -200,7 +201,7 @@ class Coordinator:
         if self.applying is not None and self.applying.poll() is not None:
             self.applying = None                # reaped: the apply has answered
         try:
-            self._start_nginx(snap)
+            self._start_nginx(snap, now)
             self._observe(snap, now)
             for op in list(self.state.recycle.values()):
                 self._step(op, *recycle.advance(op, snap, now, self.ready_timeout), now=now)
@@ -238,10 +239,19 @@ class Coordinator:
         if changed:
             self.reloads.begin(snap, now, "watch")
 
-    def _start_nginx(self, snap: Snapshot) -> None:
-        """Start the managed nginx once a worker accepts (never before: a 502)."""
-        if not self.nginx_waiting or not snap.ready_count():
+    def _start_nginx(self, snap: Snapshot, now: float) -> None:
+        """Start the managed nginx once a worker accepts (before: a 502), or
+        after recycle.ready_timeout without one (workers that write no
+        scoreboard, a broken app: nginx must not stay down silently)."""
+        if not self.nginx_waiting:
             return
+        if self.nginx_since is None:
+            self.nginx_since = now
+        if not snap.ready_count():
+            if now - self.nginx_since < self.ready_timeout:
+                return
+            log.warning("no worker ready after %s: starting %s anyway",
+                        format_duration(now - self.nginx_since), self.nginx_waiting)
         try:
             self.gateway.start_program(self.nginx_waiting)
         except CommandFailed as exc:
