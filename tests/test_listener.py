@@ -684,3 +684,15 @@ def test_a_shutdown_fault_mid_recycle_is_not_a_failed_replacement(tmp_path, capl
     assert st["slots"]["wiki_02"]["backoff_until"] == 0.0 and st["slots"]["wiki_02"]["fails"] == 0
     # The recycle stays in the state file: a listener started by the next supervisord resumes it.
     assert st["recycle"]["wiki_00"]["phase"] == "starting"
+
+
+def test_without_a_ready_worker_nginx_starts_after_ready_timeout_with_a_warning(tmp_path,
+                                                                                caplog):
+    w = World(tmp_path, nginx={"managed": True})
+    w.sup.fail_start.update(w.dep.slot_names())
+    nginx = ("startProcess", "wiki_nginx", False)
+    w.passes(30)                          # 7.5 s < recycle.ready_timeout (10 s)
+    assert nginx not in w.sup.calls
+    w.passes(20)
+    assert w.sup.calls.count(nginx) == 1
+    assert "no worker ready after" in caplog.text
