@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "stop": ("fcgi_toolkit.leftovers", "stop a deployment: supervisord's graceful shutdown, then anything left"),
     "recycle": ("fcgi_toolkit.control", "gracefully replace one worker, capacity held"),
     "reload": ("fcgi_toolkit.control", "rolling restart of every worker, capacity held"),
+    "apply": ("fcgi_toolkit.applying", "apply the changes of the deployment file to the running deployment"),
     "metrics": ("fcgi_toolkit.metrics", "serve Prometheus metrics of the group (used by supervisord)"),
     "lifeline": ("fcgi_toolkit.lifeline", "exec a program that stops when supervisord dies (used by supervisord)"),
     "settings-table": ("fcgi_toolkit.deployfile", "print the settings table for README.rst"),

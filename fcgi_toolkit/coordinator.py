@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
 import time
 import xmlrpc.client
 from dataclasses import dataclass, field, replace
@@ -36,7 +38,7 @@ from typing import Any, Callable, Optional
 
 from supervisor.states import ProcessStates
 
-from fcgi_toolkit import policy, recycle, statefile
+from fcgi_toolkit import applying, names, policy, recycle, statefile
 from fcgi_toolkit.names import format_duration, format_size
 from fcgi_toolkit.policy import Limits, Memory, Recycle, Snapshot
 from fcgi_toolkit.recycle import Operation, Phase, StartProcess
@@ -82,10 +84,18 @@ class Coordinator:
     """
 
     def __init__(self, dep: Any, rpc: Any, sampler: Any, clock: Callable[[], float] = time.time,
-                 stat: Callable[[str], os.stat_result] = os.stat):
+                 stat: Callable[[str], os.stat_result] = os.stat,
+                 spawn: Callable[..., Any] = subprocess.Popen):
         self.gateway = Gateway(rpc, dep.name)
         self.sampler = sampler
         self.clock = clock
+        self.deploy_path = dep.path
+        self.spawn = spawn
+        self.applying: Optional[Any] = None     # the Popen of an apply of the watched deploy file
+        # The managed nginx (autostart=false) waits for the first ready worker.
+        self.nginx_waiting = names.nginx_program(dep.name) if (
+            dep.nginx.managed and not dep.multi_host) else ""
+        self.nginx_since: Optional[float] = None
         self.limits = Limits.from_deployment(dep)
         self.check_interval = dep.recycle.check_interval
         self.ready_timeout = dep.recycle.ready_timeout
@@ -111,6 +121,29 @@ class Coordinator:
                      ", ".join(sorted(self.state.recycle)))
         if self.state.reload:
             log.info("resuming a rolling reload after a listener restart")
+
+    def reread(self) -> str:
+        """Take the limits and recycle settings from the deployment file again
+        (``fcgi-toolkit apply``); raise ConfigError for a bad file.
+
+        workers.count and workers.standby are taken when they fit the
+        running supervisord's slots (the next passes start or stop workers);
+        otherwise they stay.  Every worker life draws its per-life limits
+        again, so a lowered limit recycles at once."""
+        from fcgi_toolkit import settings
+        dep = settings.load(self.deploy_path)
+        old, self.limits = self.limits, Limits.from_deployment(dep)
+        if not dep.fits(len(self.slot_names)):
+            self.limits = replace(self.limits, count=old.count, standby=old.standby)
+        self.sampler.limits = self.limits
+        self.sampler.lives.clear()
+        for name in self.slot_names:
+            self.state.update_slot(name, life=None)
+        self.check_interval = dep.recycle.check_interval
+        self.ready_timeout = dep.recycle.ready_timeout
+        self.watch = FileWatch(dep.recycle.watch, dep.recycle.debounce, self.watch.stat)
+        log.info("deployment file re-read: %s", self.limits)
+        return "watchdog re-read %s" % dep.path
 
     # -- for the listener ----------------------------------------------------
     def busy(self) -> bool:
@@ -180,14 +213,17 @@ class Coordinator:
         if self.standing_by:
             return snap
         self._ops_changed = False
+        if self.applying is not None and self.applying.poll() is not None:
+            self.applying = None                # reaped: the apply has answered
         try:
+            self._start_nginx(snap, now)
             self._observe(snap, now)
             for op in list(self.state.recycle.values()):
                 self._step(op, *recycle.advance(op, snap, now, self.ready_timeout,
                                                 self.state.busy()), now=now)
             self.requests.serve(snap, now)
             if self.watch.due(now, may_fire=self.state.reload is None):
-                self.reloads.begin(snap, now, "watch")
+                self._watched_change(snap, now, self.watch.take_changed())
             self.reloads.advance(snap, now)
             ops_before = bool(self.state.recycle)
             for action in policy.decide(snap, now, self.limits, self.memory()):
@@ -201,6 +237,46 @@ class Coordinator:
         finally:
             self.save()
         return snap
+
+    def _watched_change(self, snap: Snapshot, now: float, changed: set[str]) -> None:
+        """A watched file changed: the deployment file is applied (``fcgi-toolkit
+        apply`` in a child process, which asks this coordinator back); any
+        other file means a rolling reload."""
+        if self.deploy_path in changed:
+            if self.applying is None:
+                log.info("deployment file %s changed: applying it", self.deploy_path)
+                # stdout is the event protocol: the child writes to our log (stderr).
+                self.applying = self.spawn(applying.apply_command(self.deploy_path),
+                                           stdin=subprocess.DEVNULL, stdout=sys.stderr)
+            else:
+                self.watch.changed.add(self.deploy_path)   # again after this apply
+                self.watch.changed_at = now
+            changed = changed - {self.deploy_path}
+        if changed:
+            self.reloads.begin(snap, now, "watch")
+
+    def _start_nginx(self, snap: Snapshot, now: float) -> None:
+        """Start the managed nginx once a worker accepts (before: a 502), or
+        after recycle.ready_timeout without one (workers that write no
+        scoreboard, a broken app: nginx must not stay down silently)."""
+        if not self.nginx_waiting:
+            return
+        if self.nginx_since is None:
+            self.nginx_since = now
+        if not snap.ready_count():
+            if now - self.nginx_since < self.ready_timeout:
+                return
+            log.warning("no worker ready after %s: starting %s anyway",
+                        format_duration(now - self.nginx_since), self.nginx_waiting)
+        try:
+            self.gateway.start_program(self.nginx_waiting)
+        except CommandFailed as exc:
+            if exc.shutting_down:
+                return self.stand_by()
+            log.error("cannot start %s: %s", self.nginx_waiting, exc)
+        else:
+            log.info("%s started: a worker accepts", self.nginx_waiting)
+        self.nginx_waiting = ""
 
     def stand_by(self, shutting_down: bool = True) -> None:
         """Stop acting while supervisord shuts down (logged once, not as an error)."""

@@ -113,7 +113,12 @@ class GroupCollector:
             if w.recycles > counted:
                 # A state file without a by_reason breakdown still counts.
                 recycles.add_metric([w.name, "unknown"], w.recycles - counted)
-        yield from (worker_ready, state, rss, requests, age, inflight, recycles)
+        drift = GaugeMetricFamily("fcgi_config_drift",
+                                  "1 for each key the deployment file changed since run/apply",
+                                  labels=["key"])
+        for key in group.drift or ():
+            drift.add_metric([key], 1)
+        yield from (worker_ready, state, rss, requests, age, inflight, recycles, drift)
 
 
 def make_registry(collector: GroupCollector) -> Any:

@@ -32,6 +32,11 @@ def slot_names(group: str, slots: int) -> list[str]:
     return [slot_name(group, i) for i in range(slots)]
 
 
+def nginx_program(group: str) -> str:
+    """The managed nginx's supervisord program name: ``nginx_program("wiki") == "wiki_nginx"``."""
+    return "%s_nginx" % group
+
+
 # --------------------------------------------------------------------------
 # Capacity: which supervisord states count
 # --------------------------------------------------------------------------

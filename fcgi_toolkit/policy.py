@@ -43,6 +43,11 @@ class Limits:
     max_concurrent: int = 1
     flap_window: float = 60.0
 
+    def usable(self, slot: "SlotSnapshot") -> bool:
+        """Whether a worker may start in ``slot``: the first count + standby
+        slots; the rest (workers.max_slots) are spare for a larger count."""
+        return slot.index < self.count + self.standby
+
     @classmethod
     def from_deployment(cls, dep: Any) -> "Limits":
         return cls(count=dep.workers.count, standby=dep.workers.standby,
@@ -351,7 +356,7 @@ def capacity(snapshot: Snapshot, now: float, limits: Limits, memory: Memory,
             memory.operations, limits.max_concurrent))
     if limits.standby > 0:
         free = tuple(s.name for s in sorted(snapshot.slots, key=lambda s: s.index)
-                     if s.startable and s.name not in memory.busy
+                     if s.startable and s.name not in memory.busy and limits.usable(s)
                      and memory.backoff_until.get(s.name, 0.0) <= now)
         if not free:
             return Room(0, why="no standby slot is free (all running or backing off)")
@@ -484,7 +489,7 @@ def reconcile(snapshot: Snapshot, now: float, limits: Limits, memory: Memory) ->
     missing = limits.count - len(active)
     if missing > 0:
         free = [s for s in sorted(snapshot.slots, key=lambda s: s.index)
-                if s.startable and s.name not in memory.busy
+                if s.startable and s.name not in memory.busy and limits.usable(s)
                 and memory.backoff_until.get(s.name, 0.0) <= now]
         return [Start(s.name, "%d of %d workers active" % (len(active), limits.count))
                 for s in free[:missing]]

@@ -126,7 +126,7 @@ class Operation:
 @dataclass(frozen=True)
 class Reload:
     """A rolling reload in progress: every worker alive when it began is replaced."""
-    origin: str                      # "operator" or "watch"
+    origin: str                      # "operator", "watch" or "apply"
     old_pids: Mapping[str, int]      # slot -> pid of the workers to replace
     began: float
     request: Optional[str] = None

@@ -4,12 +4,14 @@
 starts ``supervisord -n`` as a child in its own session.  SIGINT and SIGTERM
 received by this process are forwarded to supervisord (the handlers only
 record the signal; the wait loop forwards it), which stops nginx, the
-watchdog and the workers gracefully.  When supervisord has exited, a socket
-file it left behind is removed and its exit status becomes ours.  Before it
-starts supervisord, ``run`` ends what a supervisord killed hard left behind
-and refuses (exit 2) an address held by another program
-(:mod:`fcgi_toolkit.leftovers`).  If ``run`` itself is killed, supervisord
-(its own session) keeps running: ``fcgi-toolkit stop`` stops it.
+watchdog and the workers gracefully.  SIGHUP means apply: the wait loop runs
+``fcgi-toolkit apply -c FILE`` (one at a time; a HUP during an apply runs
+another one after it), and the deployment keeps serving.  When supervisord
+has exited, a socket file it left behind is removed and its exit status
+becomes ours.  Before it starts supervisord, ``run`` ends what a supervisord
+killed hard left behind and refuses (exit 2) an address held by another
+program (:mod:`fcgi_toolkit.leftovers`).  If ``run`` itself is killed,
+supervisord (its own session) keeps running: ``fcgi-toolkit stop`` stops it.
 
 With ``[[hosts]]``, ``run`` runs one host: ``FCGI_TOOLKIT_HOST=NAME
 fcgi-toolkit run`` starts that host's supervisord (workers, watchdog, no
@@ -30,7 +32,7 @@ import sys
 import tempfile
 from typing import Optional, TextIO
 
-from fcgi_toolkit import leftovers, render, settings
+from fcgi_toolkit import applying, leftovers, render, settings
 from fcgi_toolkit.settings import ConfigError, Deployment
 
 _FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -48,7 +50,9 @@ def prepare(dep: Deployment, host: Optional[render.Host] = None) -> list[str]:
     for directory in (dep.runtime_dir, dep.log_dir):
         os.makedirs(directory, mode=0o755, exist_ok=True)
     scoreboard.create(dep.scoreboard_path, dep.slots)
-    return render.write_rendered(dep, files, dep.runtime_dir)
+    written = render.write_rendered(dep, files, dep.runtime_dir)
+    applying.save(dep, applying.values(dep))    # what this run applies: `apply` diffs against it
+    return written
 
 
 def supervisord_command(dep: Deployment) -> list[str]:
@@ -96,6 +100,7 @@ def banner(dep: Deployment) -> str:
                      % ", ".join(dep.nginx.web_servers))
     lines.append("  logs:    %s" % dep.log_dir)
     lines.append("  control: supervisorctl -c %s status" % dep.supervisord_conf)
+    lines.append("  apply:   fcgi-toolkit apply -c %s (or kill -HUP %d)" % (dep.path, os.getpid()))
     lines.append("  stop:    Ctrl-C (or kill -TERM %d, or fcgi-toolkit stop -c %s)"
                  % (os.getpid(), dep.path))
     return "\n".join(lines)
@@ -113,6 +118,7 @@ def supervise(dep: Deployment, stream: TextIO = sys.stderr) -> int:
         received.append(signum)
 
     previous = {sig: signal.signal(sig, on_signal) for sig in _FORWARDED}
+    applying_proc: Optional[subprocess.Popen] = None
     try:
         # Own session: a terminal's Ctrl-C reaches only us, and we forward
         # exactly one signal, so supervisord sees one clean shutdown request.
@@ -120,6 +126,7 @@ def supervise(dep: Deployment, stream: TextIO = sys.stderr) -> int:
                                 stdin=subprocess.DEVNULL)
         print(banner(dep), file=stream, flush=True)
         forwarded = 0
+        apply_again = False
         while True:
             try:
                 status = proc.wait(timeout=0.2)
@@ -129,12 +136,24 @@ def supervise(dep: Deployment, stream: TextIO = sys.stderr) -> int:
             while forwarded < len(received):
                 sig = received[forwarded]
                 forwarded += 1
-                # supervisord treats INT, TERM and QUIT as shutdown, HUP as restart;
-                # a HUP from a closed terminal must stop us, so it becomes TERM.
-                proc.send_signal(signal.SIGTERM if sig == signal.SIGHUP else sig)
+                if sig == signal.SIGHUP:
+                    # HUP means "apply the deployment file" (systemctl reload),
+                    # never supervisord's own restart, which closes the socket.
+                    apply_again = True
+                else:
+                    proc.send_signal(sig)
+            if applying_proc is not None and applying_proc.poll() is not None:
+                applying_proc = None
+            if apply_again and applying_proc is None:
+                apply_again = False
+                applying_proc = subprocess.Popen(applying.apply_command(dep.path),
+                                                 stdin=subprocess.DEVNULL)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if applying_proc is not None and applying_proc.poll() is None:
+            applying_proc.terminate()       # supervisord is gone: nothing left to apply to
+            applying_proc.wait(10)
     _remove_stale_socket(dep)
     if received:
         print("fcgi-toolkit: stopped (supervisord exit status %d)" % status, file=stream)

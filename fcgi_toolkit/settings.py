@@ -13,6 +13,7 @@ nginx.conf.
 from __future__ import annotations
 
 import difflib
+import enum
 import os
 import sys
 from dataclasses import dataclass, field
@@ -98,6 +99,9 @@ REGISTRY: tuple[Setting, ...] = (
             "Workers serving at all times."),
     Setting("workers", "standby", non_negative_int, 1,
             "Extra slots used to start a replacement before its predecessor stops."),
+    Setting("workers", "max_slots", non_negative_int, 0,
+            "Process slots supervisord has (numprocs); workers.count and workers.standby can "
+            "then grow up to it with `apply`; 0: workers.count + workers.standby.", 8),
     Setting("workers", "threads", positive_int, 1,
             "Requests one worker serves at once (flup thread pool size)."),
     Setting("workers", "socket", socket_address, "",
@@ -200,6 +204,48 @@ REGISTRY: tuple[Setting, ...] = (
             "operator commands reach that supervisord through its [supervisorctl] serverurl; "
             "empty: the toolkit's own supervisord (`run`).", "/etc/supervisor/supervisord.conf"),
 )
+
+
+class Applied(enum.Enum):
+    """How a changed key takes effect in a running deployment (``fcgi-toolkit apply``)."""
+    WATCHDOG = "watchdog re-reads"          # the coordinator swaps its Limits
+    ROLLING = "rolling worker replacement"  # read by each worker at start
+    COUNT = "count change"                  # within workers.max_slots: the watchdog
+                                            # starts or stops slots; beyond: new supervisord
+    NGINX = "nginx graceful reload"         # nginx files re-rendered, HUP to nginx
+    SUPERVISORD = "needs a new supervisord"  # rendered into supervisord.conf itself
+
+
+#: The one table of how each key is applied (README's settings table shows
+#: it).  workers.count and workers.standby change live while their sum stays
+#: within the running supervisord's slots (workers.max_slots).
+APPLIED_BY: Mapping[str, Applied] = MappingProxyType({
+    **{key: Applied.WATCHDOG for key in (
+        "limits.max_rss", "limits.max_rss_hard", "limits.max_requests", "limits.max_requests_jitter", "limits.max_age",
+        "limits.request_timeout", "limits.slow_request", "recycle.check_interval",
+        "recycle.max_concurrent", "recycle.ready_timeout", "recycle.flap_window",
+        "recycle.watch", "recycle.debounce")},
+    **{key: Applied.ROLLING for key in (
+        "app.wsgi", "app.environment", "workers.threads", "workers.idle_timeout",
+        "workers.debug", "web.path_info")},
+    **{key: Applied.COUNT for key in ("workers.count", "workers.standby")},
+    **{key: Applied.NGINX for key in (
+        "nginx.listen", "nginx.server_name", "nginx.location", "nginx.static",
+        "nginx.keepalive", "nginx.connect_timeout", "nginx.read_timeout",
+        "nginx.client_max_body_size")},
+    **{key: Applied.SUPERVISORD for key in (
+        "app.name", "app.directory", "app.python", "workers.max_slots", "workers.socket", "workers.socket_mode", "workers.socket_owner", "workers.user",
+        "workers.graceful_timeout", "nginx.managed", "nginx.web_servers", "nginx.binary",
+        "runtime.dir", "runtime.log_dir", "runtime.templates", "metrics.listen",
+        "control.inet_port", "control.username", "control.password",
+        "control.system_supervisord", "web.server", "hosts")},
+})
+
+
+def applied_by(key: str) -> Applied:
+    """How ``key`` ("section.name", or "hosts" for any ``[[hosts]]`` key) takes effect."""
+    return APPLIED_BY["hosts" if key.startswith("hosts") else key]
+
 
 #: Keys of one ``[[hosts]]`` table (several machines running the same worker
 #: group behind one nginx).  A default of None is derived: ``count`` from
@@ -307,8 +353,19 @@ class Deployment:
 
     @property
     def slots(self) -> int:
-        """Number of process slots: serving workers plus standby slots."""
+        """Number of process slots (supervisord's numprocs): workers.max_slots,
+        at least serving workers plus standby slots."""
+        return slot_total(self.workers.count, self.workers.standby, self.workers.max_slots)
+
+    @property
+    def used_slots(self) -> int:
+        """Slots the watchdog starts workers in: serving plus standby (the
+        rest, up to :attr:`slots`, are spare for a later ``apply``)."""
         return self.workers.count + self.workers.standby
+
+    def fits(self, slots: int) -> bool:
+        """Whether this file's workers and standby fit a supervisord of ``slots`` slots."""
+        return self.used_slots <= slots
 
     def slot_names(self) -> list[str]:
         return names.slot_names(self.name, self.slots)
@@ -382,6 +439,7 @@ class Deployment:
             slots=self.slots,
             slot_names=self.slot_names(),
             slot_process_name=names.SUPERVISOR_SLOT_NAME,
+            nginx_program=names.nginx_program(self.name),
             runtime_dir=self.runtime_dir,
             log_dir=self.log_dir,
             scoreboard_path=self.scoreboard_path,
@@ -398,6 +456,11 @@ class Deployment:
             web_server_addrs=",".join(self.nginx.web_servers),
         )
         return ctx
+
+
+def slot_total(count: int, standby: int, max_slots: int) -> int:
+    """supervisord's numprocs for these settings (one home for the formula)."""
+    return max(max_slots, count + standby)
 
 
 def _error(path: str, key: str, value: Any, reason: str) -> ConfigError:
@@ -690,11 +753,12 @@ def _rst_escape(text: str) -> str:
 
 def settings_table() -> str:
     """The README's settings table (reStructuredText list-table), from the registry."""
-    lines = [".. list-table::", "   :header-rows: 1", "   :widths: 25 20 55", "",
-             "   * - Key", "     - Default", "     - Meaning"]
+    lines = [".. list-table::", "   :header-rows: 1", "   :widths: 22 16 44 18", "",
+             "   * - Key", "     - Default", "     - Meaning", "     - Applied by (``apply``)"]
     for s in REGISTRY + HOST_REGISTRY:
         key = "hosts[].%s" % s.name if s.section == "hosts" else s.key
         default = ("(required)" if s.default is REQUIRED else
                    "(derived)" if s.default is None else repr(s.default))
-        lines += ["   * - ``%s``" % key, "     - ``%s``" % default, "     - %s" % _rst_escape(s.help)]
+        lines += ["   * - ``%s``" % key, "     - ``%s``" % default, "     - %s" % _rst_escape(s.help),
+                  "     - %s" % applied_by(s.key).value]
     return "\n".join(lines) + "\n"

@@ -20,6 +20,8 @@ thin I/O shell (RPC, the watchdog's sampler, state file) shared by the
      "ready": 2,                 # workers accepting requests now
      "recycles": 3,              # recycles of the group, every slot, every life
      "generated_at": 1767225600.0,
+     "drift": ["limits.max_requests"],   # keys the file changed since run/apply
+                                         # ([] none; null unknown: no snapshot)
      "workers": [
        {"name": "wiki_00",
         "state": "busy",         # see STATES

@@ -14,7 +14,7 @@ from __future__ import annotations
 import errno
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
 
 from supervisor.states import ProcessStates, getProcessStateDescription
@@ -84,6 +84,7 @@ class GroupStatus:
     generated_at: float
     recycle: Optional[Mapping[str, Any]] = None   # in-progress recycle from the state file
     reload: Optional[Mapping[str, Any]] = None    # in-progress reload from the state file
+    drift: Optional[tuple[str, ...]] = None       # keys the file changed since run/apply; None: unknown
 
     @property
     def ready(self) -> int:
@@ -229,8 +230,16 @@ def gather(dep: "Deployment", rpc: Any, now: Optional[float] = None,
         snap = sampler.sample(infos)
     finally:
         board.close()
-    return group_status(dep.name, dep.workers.count, dep.workers.standby, dep.slot_names(),
-                        snap.slots, statefile.read_state(dep.state_path), now)
+    from fcgi_toolkit import applying
+    keys = applying.drift(dep)
+    # Spare slots (workers.max_slots) are shown only while they hold a process.
+    listed = {s.name: s for s in snap.slots}
+    shown = [name for i, name in enumerate(dep.slot_names())
+             if i < dep.used_slots or (name in listed and not listed[name].startable)]
+    return replace(group_status(dep.name, dep.workers.count, dep.workers.standby,
+                                shown, snap.slots,
+                                statefile.read_state(dep.state_path), now),
+                   drift=None if keys is None else tuple(keys))
 
 
 def _unavailable_reason(dep: "Deployment", exc: OSError, server_url: Optional[str]) -> str:

@@ -32,6 +32,9 @@ def summary_line(status: GroupStatus) -> str:
                  if isinstance(entry, Mapping) else offender
                  for offender, entry in sorted(status.recycle.items())]
         line += "; recycle in progress (%s)" % ", ".join(moves)
+    if status.drift:
+        line += "; the file differs from the running deployment (fcgi-toolkit apply): %s" % (
+            ", ".join(status.drift))
     return line
 
 
@@ -65,6 +68,7 @@ def to_json(status: GroupStatus) -> dict:
         "ready": status.ready,
         "recycles": status.recycles,
         "generated_at": status.generated_at,
+        "drift": None if status.drift is None else list(status.drift),
         "workers": [_worker_json(w) for w in status.workers],
     }
 

@@ -140,6 +140,10 @@ class Gateway:
     def start(self, slot: str) -> None:
         self.call("startProcess", self.namespec(slot), False, ok_faults=(Faults.ALREADY_STARTED,))
 
+    def start_program(self, name: str) -> None:
+        """Start a program outside the group (the managed nginx)."""
+        self.call("startProcess", name, False, ok_faults=(Faults.ALREADY_STARTED,))
+
     def stop(self, slot: str) -> None:
         self.call("stopProcess", self.namespec(slot), False, ok_faults=(Faults.NOT_RUNNING,))
 

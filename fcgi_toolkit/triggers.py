@@ -19,6 +19,7 @@ from supervisor.states import ProcessStates
 from fcgi_toolkit import policy, statefile
 from fcgi_toolkit.names import format_duration
 from fcgi_toolkit.policy import Snapshot, Wait
+from fcgi_toolkit.settings import ConfigError
 
 log = logging.getLogger("fcgi_toolkit.watchdog")
 
@@ -33,6 +34,7 @@ class FileWatch:
         self.stat = stat
         self._signature: Optional[dict] = None
         self.changed_at: Optional[float] = None     # last change not acted on yet
+        self.changed: set[str] = set()              # files changed since the last firing
 
     @property
     def pending(self) -> bool:
@@ -64,10 +66,16 @@ class FileWatch:
                          ", ".join(changed), format_duration(self.debounce))
             self._signature = sig
             self.changed_at = now
+            self.changed.update(changed)
         if self.changed_at is not None and now - self.changed_at >= self.debounce and may_fire:
             self.changed_at = None
             return True
         return False
+
+    def take_changed(self) -> set[str]:
+        """The files changed since the last firing (and forget them)."""
+        changed, self.changed = self.changed, set()
+        return changed
 
 
 def resolve_slot(worker: str, group: str, slot_names: Sequence[str]) -> Optional[str]:
@@ -84,10 +92,12 @@ def resolve_slot(worker: str, group: str, slot_names: Sequence[str]) -> Optional
 
 @dataclass(frozen=True)
 class Request:
-    """One operator request: ``op`` is "recycle" (of ``worker``) or "reload"."""
+    """One operator request: ``op`` is "recycle" (of ``worker``), "reload" or
+    "apply" (re-read the deployment file; ``rolling``: then replace every worker)."""
     id: str
     op: str
     worker: str = ""
+    rolling: bool = False
 
 
 def read_request(request_id: str, data: Optional[dict[str, Any]]) -> tuple[Optional[Request], str]:
@@ -97,6 +107,8 @@ def read_request(request_id: str, data: Optional[dict[str, Any]]) -> tuple[Optio
         return Request(request_id, op, str(data.get("worker", ""))), ""
     if op == "reload":
         return Request(request_id, op), ""
+    if op == "apply":
+        return Request(request_id, op, rolling=bool(data.get("rolling"))), ""
     return None, "unknown request %r" % (data,)
 
 
@@ -119,11 +131,24 @@ class OperatorRequests:
                 statefile.answer(self.co.runtime_dir, request_id, False, refusal)
             elif request.op == "recycle":
                 self._recycle(snap, now, request_id, request.worker)
+            elif request.op == "apply":
+                if not self.co.state.reload:    # else it waits for the reload to end
+                    self._apply(snap, now, request)
             elif self.co.state.reload:
                 statefile.answer(self.co.runtime_dir, request_id, False,
                                  "a rolling reload is already in progress")
             else:
                 self.co.reloads.begin(snap, now, "operator", request_id)
+
+    def _apply(self, snap: Snapshot, now: float, request: Request) -> None:
+        """Re-read the deployment file; with ``rolling``, replace every worker."""
+        try:
+            message = self.co.reread()
+        except ConfigError as exc:
+            return statefile.answer(self.co.runtime_dir, request.id, False, str(exc))
+        if not request.rolling:
+            return statefile.answer(self.co.runtime_dir, request.id, True, message)
+        self.co.reloads.begin(snap, now, "apply", request.id)
 
     def _recycle(self, snap: Snapshot, now: float, request_id: str, worker: str) -> None:
         name = resolve_slot(worker, self.co.gateway.group, self.co.slot_names)

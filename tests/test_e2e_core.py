@@ -94,9 +94,10 @@ def test_app_mounted_under_a_prefix(cluster):
 
 def test_supervisorctl_status_and_restart_replaces_one_worker(cluster):
     c = cluster()
-    status = c.ctl("status")
+    # nginx starts once a worker accepts, so it may still be STARTING (startsecs).
+    status = wait_for(lambda: (lambda s: s if s.count("RUNNING") >= 4 else None)(c.ctl("status")),
+                      10, "two workers, the watchdog and nginx RUNNING")
     assert "core:core_00" in status and "core:core_01" in status
-    assert status.count("RUNNING") >= 4  # two workers, the watchdog, nginx
     before = c.pids()
     assert set(before) == {"core_00", "core_01"}
 

@@ -80,6 +80,8 @@ class FakeSupervisor:
 
     def startProcess(self, spec, wait=True):
         self.calls.append(("startProcess", spec, wait))
+        if spec == self.group + "_nginx":       # the managed nginx, outside the group
+            return True
         name = self._name(spec)
         p = self.procs[name]
         if p["state"] in (PS.STARTING, PS.RUNNING, PS.BACKOFF):
@@ -197,6 +199,7 @@ def make_dep(tmp_path, **sections):
     data = {"app": {"name": "wiki", "wsgi": "app:application"},
             "workers": {"count": 2, "standby": 1},
             "recycle": {"check_interval": 1, "ready_timeout": 10, "flap_window": 5},
+            "nginx": {"managed": False},
             "runtime": {"dir": str(tmp_path / "run")}}
     for section, table in sections.items():
         data.setdefault(section, {}).update(table)
@@ -270,6 +273,21 @@ def test_reconcile_stops_extra_highest_and_never_starts_a_stopping_slot(tmp_path
     w2.sup.calls.clear()
     w2.co.run_pass()
     assert w2.sup.named_calls("startProcess") == [("startProcess", "wiki:wiki_01", False)]
+
+
+def test_the_managed_nginx_starts_once_after_the_first_ready_worker(tmp_path):
+    w = World(tmp_path, nginx={"managed": True})
+    nginx = ("startProcess", "wiki_nginx", False)
+    w.co.run_pass()                       # starts the workers; none is ready yet
+    assert nginx not in w.sup.calls
+    w.passes(3)
+    assert w.co.last_snapshot.ready_count() >= 1
+    assert w.sup.calls.count(nginx) == 1
+    first_ready = next(i for i, c in enumerate(w.sup.calls) if c == nginx)
+    assert any(c[0] == "startProcess" and c[1].startswith("wiki:")
+               for c in w.sup.calls[:first_ready])
+    w.passes(3)
+    assert w.sup.calls.count(nginx) == 1
 
 
 def test_rss_recycle_starts_standby_waits_ready_then_stops_offender(tmp_path, caplog):
@@ -711,3 +729,15 @@ def test_a_shutdown_fault_mid_recycle_is_not_a_failed_replacement(tmp_path, capl
     assert st["slots"]["wiki_02"]["backoff_until"] == 0.0 and st["slots"]["wiki_02"]["fails"] == 0
     # The recycle stays in the state file: a listener started by the next supervisord resumes it.
     assert st["recycle"]["wiki_00"]["phase"] == "starting"
+
+
+def test_without_a_ready_worker_nginx_starts_after_ready_timeout_with_a_warning(tmp_path,
+                                                                                caplog):
+    w = World(tmp_path, nginx={"managed": True})
+    w.sup.fail_start.update(w.dep.slot_names())
+    nginx = ("startProcess", "wiki_nginx", False)
+    w.passes(30)                          # 7.5 s < recycle.ready_timeout (10 s)
+    assert nginx not in w.sup.calls
+    w.passes(20)
+    assert w.sup.calls.count(nginx) == 1
+    assert "no worker ready after" in caplog.text

@@ -203,10 +203,22 @@ def test_summary_mentions_work_in_progress():
         "; recycle in progress (wiki_01 -> wiki_02)")
 
 
+def test_summary_and_json_name_the_keys_that_drifted():
+    drifted = GroupStatus(**{**_sample_status().__dict__,
+                             "drift": ("workers.threads", "limits.max_requests")})
+    assert format_table(drifted).rstrip().endswith(
+        "; the file differs from the running deployment (fcgi-toolkit apply): "
+        "workers.threads, limits.max_requests")
+    assert to_json(drifted)["drift"] == ["workers.threads", "limits.max_requests"]
+    in_sync = GroupStatus(**{**_sample_status().__dict__, "drift": ()})
+    assert "differs" not in format_table(in_sync) and to_json(in_sync)["drift"] == []
+
+
 def test_to_json_is_the_documented_object():
     obj = json.loads(json.dumps(to_json(_sample_status())))
     assert set(obj) == {"group", "count", "standby", "ready", "recycles", "workers",
-                        "generated_at"}
+                        "generated_at", "drift"}
+    assert obj["drift"] is None      # no applied snapshot: unknown
     assert (obj["group"], obj["count"], obj["standby"], obj["ready"]) == ("wiki", 2, 1, 2)
     w0, _, w2 = obj["workers"]
     assert set(w0) == {"name", "state", "supervisor_state", "pid", "rss_bytes", "requests",

@@ -1,0 +1,213 @@
+"""``fcgi-toolkit apply``: make the running deployment what the file says.
+
+The running deployment's values are a snapshot in the runtime dir
+(``applied.json``: every key's parsed value), written by ``run`` at start and
+after each apply.  ``apply`` validates the file first (a bad file: one line,
+exit 2, nothing changed), compares it with the snapshot (:func:`diff`) and
+takes each changed key through the one way the settings registry names for
+it (:data:`fcgi_toolkit.settings.APPLIED_BY`, :func:`plan`):
+
+* watchdog keys: a request through the operator-request channel; the
+  watchdog re-reads the file and swaps its limits;
+* workers.count and workers.standby: the same request; within the running
+  supervisord's slots (workers.max_slots) the watchdog then starts or stops
+  workers (never ``supervisorctl update``, which stops the group first);
+* worker keys: the same request asks for a rolling replacement of every
+  worker (each new worker reads the file at start), capacity held;
+* nginx keys: the nginx files are re-rendered atomically and the managed
+  nginx is sent HUP (a graceful reload: old nginx workers finish their
+  requests);
+* keys that need a new supervisord are reported by name, left unapplied
+  (the snapshot keeps their old value, so ``status`` keeps showing the
+  drift) and make the exit status 1.
+
+The pure part (:func:`values`, :func:`diff`, :func:`plan`) is tested with
+plain values; :func:`apply` is the thin I/O shell.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass
+from typing import Any, Mapping, Optional
+
+from fcgi_toolkit import settings, statefile
+from fcgi_toolkit.names import nginx_program, recycle_time, request_wait
+from fcgi_toolkit.settings import Applied, Deployment
+
+SNAPSHOT = "applied.json"
+#: The nginx files :func:`apply` re-renders (never supervisord.conf).
+NGINX_FILES = ("nginx.conf", "nginx-site.conf")
+
+
+# --------------------------------------------------------------------------
+# Pure decisions
+# --------------------------------------------------------------------------
+
+def values(dep: Deployment) -> dict[str, Any]:
+    """Every key's parsed value as plain JSON data ("section.name" -> value;
+    "hosts" -> the ``[[hosts]]`` tables)."""
+    out: dict[str, Any] = {s.key: dep.sections[s.section][s.name] for s in settings.REGISTRY}
+    out["hosts"] = [asdict(h) for h in dep.hosts]
+    return json.loads(json.dumps(out))
+
+
+def diff(running: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:
+    """The keys whose value differs, in registry order (a key missing on one side differs)."""
+    keys = list(wanted) + [k for k in running if k not in wanted]
+    return [k for k in keys if k not in running or k not in wanted or running[k] != wanted[k]]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The changed keys grouped by how each takes effect."""
+    watchdog: tuple[str, ...] = ()
+    rolling: tuple[str, ...] = ()
+    nginx: tuple[str, ...] = ()
+    supervisord: tuple[str, ...] = ()
+    count: tuple[str, ...] = ()
+
+    @property
+    def applicable(self) -> tuple[str, ...]:
+        return self.watchdog + self.count + self.rolling + self.nginx
+
+    @property
+    def needs_watchdog(self) -> bool:
+        return bool(self.watchdog or self.count or self.rolling)
+
+
+def plan(changed: list[str], fits: bool = True) -> Plan:
+    """Group ``changed`` keys by :func:`fcgi_toolkit.settings.applied_by`; a
+    count change that does not ``fit`` the running slots needs a new supervisord."""
+    by: dict[Applied, list[str]] = {way: [] for way in Applied}
+    for key in changed:
+        way = settings.applied_by(key)
+        by[Applied.SUPERVISORD if way is Applied.COUNT and not fits else way].append(key)
+    return Plan(tuple(by[Applied.WATCHDOG]), tuple(by[Applied.ROLLING]),
+                tuple(by[Applied.NGINX]), tuple(by[Applied.SUPERVISORD]),
+                tuple(by[Applied.COUNT]))
+
+
+def running_slots(running: Mapping[str, Any]) -> int:
+    """The running supervisord's slots, from the applied snapshot."""
+    return settings.slot_total(running["workers.count"], running["workers.standby"],
+                               running.get("workers.max_slots", 0))
+
+
+def after(running: Mapping[str, Any], wanted: Mapping[str, Any],
+          applied: tuple[str, ...]) -> dict[str, Any]:
+    """The snapshot once ``applied`` keys took effect: theirs new, the rest as they were."""
+    out = dict(running)
+    out.update({k: wanted[k] for k in applied if k in wanted})
+    return out
+
+
+# --------------------------------------------------------------------------
+# The snapshot
+# --------------------------------------------------------------------------
+
+def snapshot_path(dep: Deployment) -> str:
+    return os.path.join(dep.runtime_dir, SNAPSHOT)
+
+
+def save(dep: Deployment, snapshot: Mapping[str, Any]) -> None:
+    statefile.write_json_atomic(snapshot_path(dep), dict(snapshot))
+
+
+def load(dep: Deployment) -> Optional[dict[str, Any]]:
+    """The running deployment's values; None if ``run`` has not written them."""
+    data = statefile.read_json(snapshot_path(dep), quiet=True)
+    return data if isinstance(data, dict) else None
+
+
+def drift(dep: Deployment) -> Optional[list[str]]:
+    """Keys where the file (read again now) differs from the running deployment;
+    None when unknown: no snapshot (not started by ``run``) or a bad file."""
+    running = load(dep)
+    if running is None:
+        return None
+    try:
+        now = settings.load(dep.path, host=dep.host.name if dep.host else "")
+    except settings.ConfigError:
+        return None
+    return diff(running, values(now))
+
+
+# --------------------------------------------------------------------------
+# The I/O shell
+# --------------------------------------------------------------------------
+
+def apply_command(path: str) -> list[str]:
+    """``fcgi-toolkit apply -c PATH``, as SIGHUP to ``run`` and a watched
+    deployment file run it (in a child process: neither may block)."""
+    return [sys.executable, "-m", "fcgi_toolkit", "apply", "-c", path]
+
+
+def reload_nginx(dep: Deployment, rpc: Any) -> str:
+    """Re-render the nginx files atomically and HUP the managed nginx."""
+    from fcgi_toolkit import render
+    files = render.render_all(dep, render.Host.probe(dep), dep.runtime_dir)
+    render.write_atomic({n: files[n] for n in NGINX_FILES if n in files}, dep.runtime_dir)
+    if not dep.nginx.managed:
+        return "nginx files re-rendered in %s: reload your nginx" % dep.runtime_dir
+    rpc.signalProcess(nginx_program(dep.name), "HUP")
+    return "nginx reloaded gracefully (HUP)"
+
+
+def apply(dep: Deployment, out: Any = sys.stdout, err: Any = sys.stderr,
+          rpc: Optional[Any] = None) -> int:
+    """Apply what differs; 0 all applied, 1 something could not be (said on ``err``)."""
+    from fcgi_toolkit import control, supervisord
+    running = load(dep)
+    if running is None:
+        print("fcgi-toolkit: %s: no applied deployment (%s): is it running?"
+              % (dep.path, snapshot_path(dep)), file=err)
+        return 1
+    wanted = values(dep)
+    todo = plan(diff(running, wanted), fits=dep.fits(running_slots(running)))
+    if not todo.applicable and not todo.supervisord:
+        print("apply: nothing changed", file=out)
+        return 0
+    status = 0
+    if todo.supervisord:
+        print("fcgi-toolkit: %s: not applied, needs a new supervisord (stop and run again): %s"
+              % (dep.path, ", ".join(todo.supervisord)), file=err)
+        status = 1
+    applied: tuple[str, ...] = ()
+    if todo.nginx:
+        rpc = rpc or supervisord.control_proxy(dep)
+        print("apply: %s (%s)" % (reload_nginx(dep, rpc), ", ".join(todo.nginx)), file=out)
+        applied += todo.nginx
+    if todo.needs_watchdog:
+        timeout = request_wait(dep, "reload") if todo.rolling else recycle_time(dep)
+        print("apply: asked the watchdog (%s), waiting up to %ds"
+              % (", ".join(todo.watchdog + todo.count + todo.rolling), timeout), file=out,
+              flush=True)
+        result = control.submit(dep, {"op": "apply", "rolling": bool(todo.rolling)}, timeout,
+                                out=out)
+        if result is None:
+            print("fcgi-toolkit: no answer from the watchdog listener within %ds (see %s)"
+                  % (timeout, control.watchdog_log(dep)), file=err)
+            status = 1
+        elif not result.get("ok"):
+            print("apply: %s" % result.get("message", ""), file=err)
+            status = 1
+        else:
+            print("apply: %s" % result.get("message", ""), file=out)
+            applied += todo.watchdog + todo.count + todo.rolling
+    save(dep, after(running, wanted, applied))
+    return status
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-c", "--config", default="deploy.toml",
+                        help="deployment file (default: ./deploy.toml)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Exit status: 0 applied; 1 a key not applied or the watchdog did not
+    answer; 2 bad deployment file (nothing changed)."""
+    dep = settings.load(args.config)     # ConfigError: cli prints it, exit 2
+    return apply(dep)
