@@ -24,7 +24,7 @@ from supervisor.states import ProcessStates, getProcessStateDescription
 
 from fcgi_toolkit import supervisord
 from fcgi_toolkit.names import CAPACITY_STATES, PROCESS_STATES, slot_names
-from fcgi_toolkit.status_local import Inflight, WorkerView, _number, derive_state
+from fcgi_toolkit.status_local import WorkerView, _number, derive_state, worker_from_json
 
 if TYPE_CHECKING:
     from fcgi_toolkit.settings import Deployment, HostSpec
@@ -180,20 +180,6 @@ def host_group_status(server: Any) -> Optional[dict]:
         log.warning("fcgi.status() answered no status object (%s); showing supervisord's view", exc)
         return None
 
-
-def worker_from_json(obj: Mapping[str, Any]) -> WorkerView:
-    """A :class:`WorkerView` back from its ``status --json`` object
-    (:func:`fcgi_toolkit.status_output.to_json`), as a host's fcgi.status() sends it."""
-    inflight = obj.get("inflight")
-    return WorkerView(
-        name=str(obj["name"]), state=str(obj["state"]), supervisor_state=str(obj["supervisor_state"]),
-        pid=obj.get("pid"), rss_bytes=obj.get("rss_bytes"), requests=obj.get("requests"),
-        age_seconds=obj.get("age_seconds"),
-        inflight=Inflight(str(inflight["method"]), str(inflight["uri"]), float(inflight["seconds"]))
-        if isinstance(inflight, Mapping) else None,
-        recycles=obj.get("recycles"), last_reason=obj.get("last_reason"),
-        last_recycle_time=obj.get("last_recycle_time"),
-        serving=obj.get("state") in ("ready", "busy"), by_reason={})
 
 
 def require_host_control(dep: "Deployment") -> None:

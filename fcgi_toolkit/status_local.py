@@ -75,6 +75,39 @@ class WorkerView:
     by_reason: Mapping[str, int]
 
 
+def worker_json(w: WorkerView) -> dict:
+    """A worker's object in ``status --json`` (the inverse: :func:`worker_from_json`)."""
+    return {
+        "name": w.name,
+        "state": w.state,
+        "supervisor_state": w.supervisor_state,
+        "pid": w.pid,
+        "rss_bytes": w.rss_bytes,
+        "requests": w.requests,
+        "age_seconds": None if w.age_seconds is None else round(w.age_seconds, 3),
+        "inflight": None if w.inflight is None else {
+            "method": w.inflight.method, "uri": w.inflight.uri,
+            "seconds": round(w.inflight.seconds, 3)},
+        "recycles": w.recycles,
+        "last_reason": w.last_reason,
+        "last_recycle_time": w.last_recycle_time,
+    }
+
+
+def worker_from_json(obj: Mapping[str, Any]) -> WorkerView:
+    """A :class:`WorkerView` back from :func:`worker_json`, as a host's fcgi.status() sends it."""
+    inflight = obj.get("inflight")
+    return WorkerView(
+        name=str(obj["name"]), state=str(obj["state"]), supervisor_state=str(obj["supervisor_state"]),
+        pid=obj.get("pid"), rss_bytes=obj.get("rss_bytes"), requests=obj.get("requests"),
+        age_seconds=obj.get("age_seconds"),
+        inflight=Inflight(str(inflight["method"]), str(inflight["uri"]), float(inflight["seconds"]))
+        if isinstance(inflight, Mapping) else None,
+        recycles=obj.get("recycles"), last_reason=obj.get("last_reason"),
+        last_recycle_time=obj.get("last_recycle_time"),
+        serving=obj.get("state") in ("ready", "busy"), by_reason={})
+
+
 @dataclass(frozen=True)
 class GroupStatus:
     group: str

@@ -9,7 +9,7 @@ from typing import Mapping
 
 from fcgi_toolkit.names import format_duration, format_size
 from fcgi_toolkit.status_hosts import DeploymentStatus
-from fcgi_toolkit.status_local import GroupStatus, WorkerView
+from fcgi_toolkit.status_local import GroupStatus, worker_json
 
 
 def summary_line(status: GroupStatus) -> str:
@@ -53,10 +53,15 @@ def format_table(status: GroupStatus) -> str:
                      format_duration(w.age_seconds),
                      "-" if w.recycles is None else str(w.recycles),
                      w.last_reason or "-", inflight))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(_COLUMNS) - 1)]
+    return _aligned(rows) + summary_line(status) + "\n"
+
+
+def _aligned(rows: list) -> str:
+    """Rows as text columns padded to their widest cell (the last cell is not padded)."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(r, widths)) + "  " + r[-1]
              for r in rows]
-    return "\n".join(line.rstrip() for line in lines) + "\n" + summary_line(status) + "\n"
+    return "\n".join(line.rstrip() for line in lines) + "\n"
 
 
 def to_json(status: GroupStatus) -> dict:
@@ -69,26 +74,9 @@ def to_json(status: GroupStatus) -> dict:
         "recycles": status.recycles,
         "generated_at": status.generated_at,
         "drift": None if status.drift is None else list(status.drift),
-        "workers": [_worker_json(w) for w in status.workers],
+        "workers": [worker_json(w) for w in status.workers],
     }
 
-
-def _worker_json(w: WorkerView) -> dict:
-    return {
-        "name": w.name,
-        "state": w.state,
-        "supervisor_state": w.supervisor_state,
-        "pid": w.pid,
-        "rss_bytes": w.rss_bytes,
-        "requests": w.requests,
-        "age_seconds": None if w.age_seconds is None else round(w.age_seconds, 3),
-        "inflight": None if w.inflight is None else {
-            "method": w.inflight.method, "uri": w.inflight.uri,
-            "seconds": round(w.inflight.seconds, 3)},
-        "recycles": w.recycles,
-        "last_reason": w.last_reason,
-        "last_recycle_time": w.last_recycle_time,
-    }
 
 
 _HOST_COLUMNS = ("HOST", "WORKER", "STATE", "PID", "AGE", "NOTE")
@@ -120,12 +108,8 @@ def format_hosts_table(status: DeploymentStatus) -> str:
                         + (counts if full else ()) + (format_duration(w.age_seconds),)
                         + (("-" if w.recycles is None else str(w.recycles),) if full else ())
                         + ("; ".join(notes),))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(columns) - 1)]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(r, widths)) + "  " + r[-1]
-             for r in rows]
     note = "" if all(h.full for h in status.hosts if h.up) and full else REMOTE_NOTE + "\n"
-    return ("\n".join(line.rstrip() for line in lines) + "\n" + hosts_summary_line(status)
-            + "\n" + note)
+    return _aligned(rows) + hosts_summary_line(status) + "\n" + note
 
 
 def hosts_summary_line(status: DeploymentStatus) -> str:
@@ -157,6 +141,6 @@ def hosts_to_json(status: DeploymentStatus) -> dict:
             "count": h.count,
             "standby": h.standby,
             "running": h.running,
-            "workers": [_worker_json(w) for w in h.workers],
+            "workers": [worker_json(w) for w in h.workers],
         } for h in status.hosts],
     }
