@@ -150,6 +150,82 @@ def test_fragment_is_read_by_supervisord_through_the_include(system):
     assert {g.name for g in options.process_group_configs} == {"other", "core", "core_watchdog"}
 
 
+SITE_LAYOUT_CASES = [
+    ("nginx", "sites-available/core.conf", "sites-enabled/core.conf", "nginx -t && systemctl reload nginx"),
+    ("apache", "sites-available/core.conf", "sites-enabled/core.conf",
+     "apache2ctl configtest && systemctl reload apache2"),
+    ("lighttpd", "sites-available/50-core.conf", "sites-enabled/50-core.conf",
+     "lighttpd -tt -f /etc/lighttpd/lighttpd.conf && systemctl reload lighttpd"),
+    ("caddy", "sites-available/core.caddy", None,
+     "caddy validate --config /etc/caddy/Caddyfile --adapter caddyfile && systemctl reload caddy"),
+]
+
+
+@pytest.mark.parametrize("server,site,link,reload", SITE_LAYOUT_CASES,
+                         ids=[c[0] for c in SITE_LAYOUT_CASES])
+def test_site_for_the_distributions_web_server(system, tmp_path, server, site, link, reload):
+    """web.server picks the site file, its name, its enabling link and the
+    reload command; the site is the very file ``render`` writes for that server."""
+    sections = {"web": {"server": server}, "nginx": {"managed": False, "listen": "127.0.0.1:8089"}}
+    p = plan(system, **sections)
+    site_path = os.path.join(system, site)
+    assert site_path in p.files and install.MARK in p.files[site_path]
+    assert p.links == ({os.path.join(system, link): site_path} if link else {})
+    # After supervisord has the workers: reread, update, (enable), reload.
+    assert p.commands.index(reload) > next(i for i, c in enumerate(p.commands) if " update " in c)
+    if server == "apache":
+        assert "a2enmod proxy_fcgi alias" in p.commands
+    if server == "caddy":
+        # Debian's Caddyfile has no include directory: one import line, added once.
+        assert ("grep -qxF 'import %s/*.caddy' /etc/caddy/Caddyfile || echo 'import %s/*.caddy' "
+                ">> /etc/caddy/Caddyfile" % ((os.path.join(system, "sites-available"),) * 2)) in p.commands
+    dep = settings.load(p_deploy(system))
+    rendered = render.render_all(dep, ROOT_HOST, str(tmp_path))
+    name = render.SITE_FILES[server][-1]
+    # The same template and values: only the socket's owner line may differ (install
+    # gives the socket the web server's group).
+    strip = lambda text: [l for l in text.splitlines() if "socket_owner" not in l]  # noqa: E731
+    assert strip(p.files[site_path]) == strip(rendered[name])
+    # The uninstall commands reload that server first.
+    r = toolkit("uninstall", "-c", p_deploy(system), *nginx_dirs(system))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[1].strip() == reload
+
+
+def test_site_is_accepted_by_the_real_server(system, tmp_path):
+    """The installed Apache, lighttpd and Caddy sites pass the servers' own
+    configuration test when included as the distribution's main file includes them."""
+    import webservers
+    checked = 0
+    for server in ("apache", "lighttpd", "caddy"):
+        binary = webservers.binary(server)
+        if not binary:
+            continue
+        p = plan(system, web={"server": server}, nginx={"managed": False, "listen": "127.0.0.1:8089"})
+        site = next(path for path in p.files if "sites-available" in path)
+        with open(os.path.join(str(tmp_path), "site-" + server), "w") as f:
+            f.write(p.files[site])
+        main = os.path.join(str(tmp_path), "main-" + server)
+        if server == "apache":
+            text = webservers._apache_conf(str(tmp_path), f.name, drop=False)
+            cmd = [binary, "-t", "-f", main]
+        elif server == "lighttpd":
+            text = webservers._lighttpd_conf(str(tmp_path), f.name, 8089, drop=False)
+            cmd = [binary, "-tt", "-f", main]
+        else:
+            text = webservers._caddy_conf(str(tmp_path), f.name)
+            cmd = [binary, "validate", "--config", main, "--adapter", "caddyfile"]
+        with open(main, "w") as out:
+            out.write(text)
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=60,
+                           env=dict(os.environ, HOME=str(tmp_path), XDG_DATA_HOME=str(tmp_path),
+                                    XDG_CONFIG_HOME=str(tmp_path)))
+        assert r.returncode == 0, (server, r.stdout + r.stderr)
+        checked += 1
+    if not checked:
+        pytest.skip("none of apache2, lighttpd, caddy is installed")
+
+
 def test_refusals_are_one_line(system):
     with pytest.raises(ConfigError, match=r"control.system_supervisord = '': install adds"):
         plan(system, control={"system_supervisord": ""})
