@@ -26,7 +26,7 @@ from bench.stack import Session
 
 log = logging.getLogger("bench")
 
-SCENARIOS = ("throughput", "recycle", "reload", "leak", "watchdog", "detection", "memlimit")
+SCENARIOS = ("throughput", "recycle", "reload", "scale", "leak", "watchdog", "detection", "memlimit")
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
@@ -40,8 +40,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds in the throughput scenario")
     p.add_argument("--workers", type=int, default=2, help="workers per contender")
     p.add_argument("--connections", type=int, default=8, help="wrk connections")
-    p.add_argument("--contenders", default="ours,flup,uwsgi",
-                   help="comma-separated subset of ours,flup,uwsgi")
+    p.add_argument("--contenders", default="ours,flup,uwsgi,gunicorn",
+                   help="comma-separated subset of ours,flup,uwsgi,gunicorn")
     p.add_argument("--out", default=DEFAULT_OUT, help="results directory")
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs) after the run")
     p.add_argument("-v", "--verbose", action="store_true")

@@ -119,7 +119,8 @@ def test_verdicts_and_markdown():
                 "columns": [["contender", "contender", "s"], ["failed", "failed", "d"]]}
     doc = {"command": "python -m bench.run", "smoke": False,
            "environment": {k: "v" for k in ("date", "machine", "python", "fcgi-toolkit", "flup6",
-                                             "supervisor", "superlance", "uwsgi", "nginx", "wrk")},
+                                             "supervisor", "superlance", "uwsgi", "gunicorn", "nginx",
+                                             "wrk")},
            "scenarios": [res("recycle", [{"contender": "ours x", "failed": 0}]),
                          res("reload", [{"contender": "ours y", "failed": 2}]),
                          res("leak", [{"contender": "ours z", "failed": 0}]),
