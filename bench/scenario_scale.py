@@ -17,7 +17,9 @@ later, back down, each time the way the contender's users change it:
   master (new workers from the re-read file, the old ones stopped
   gracefully); nginx proxies HTTP to it on a unix socket.
 
-Reported: failed requests (wrk: non-2xx and socket errors, whole run);
+Reported: failed requests (wrk: non-2xx and socket errors, whole run) and
+the 99th percentile latency (the queue of 64 connections makes it ~0.7 s
+without a change: what a gap in service adds shows there);
 requests/s before the first change (median 0.5 s bin of nginx's access log)
 and its ratio against ours; per change the worst 0.5 s bin from the trigger
 until :data:`SETTLE` after the new count is in effect, over the lower of the
@@ -57,7 +59,7 @@ COLUMNS = [("contender", "contender", "s"), ("failed", "failed", "d"), ("request
            ("up_dip", "+1: dip", ".2f"), ("up_s", "+1: s to in effect", ".1f"),
            ("rps_up", "req/s after +1", ".0f"),
            ("down_dip", "-1: dip", ".2f"), ("down_s", "-1: s to in effect", ".1f"),
-           ("rps_down", "req/s after -1", ".0f"), ("in_effect", "in effect", "s")]
+           ("rps_down", "req/s after -1", ".0f"), ("p99", "p99 s", ".2f"), ("in_effect", "in effect", "s")]
 
 
 @dataclass(frozen=True)
@@ -178,7 +180,7 @@ def run(ctx: Context) -> Result:
         row = {"contender": label, "failed": r.failed, "requests": r.requests,
                "rps_before": up.get("before"), "up_dip": up.get("dip"), "up_s": up.get("seconds"),
                "rps_up": up.get("after"), "down_dip": down.get("dip"), "down_s": down.get("seconds"),
-               "rps_down": down.get("after"),
+               "rps_down": down.get("after"), "p99": r.p99,
                "in_effect": "yes" if len(changes) == 2 and up["in_effect"] and down["in_effect"] else "NO",
                "changes": s[:len(changes)], "wrk": r.as_dict()}
         log.info("%s: %d failed of %d; dips %s / %s", label, r.failed, r.requests,
