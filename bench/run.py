@@ -1,11 +1,11 @@
 """The bench entry point: ``python -m bench.run`` (``tox -e bench`` runs it).
 
-    python -m bench.run                       # every scenario, ~18 minutes on 2 cores
+    python -m bench.run                       # every scenario, ~20 minutes on 2 cores
     python -m bench.run --scenario leak       # one scenario alone
     python -m bench.run --smoke               # seconds: CI's check that the suite runs
 
 Writes results.json, results.md and PNG plots to ``--out`` (default
-bench/results/).  A contender that is not installed (uWSGI, memmon) or not
+bench/results/).  A contender that is not installed (uWSGI, gunicorn, memmon) or not
 built yet is reported as skipped, never silently left out.
 """
 from __future__ import annotations
