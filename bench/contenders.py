@@ -303,17 +303,11 @@ class Uwsgi(Contender):
     trigger: uWSGI's graceful reload re-reads it)."""
     kind = "uwsgi"
 
-    @property
-    def fifo(self) -> str:
-        return os.path.join(self.workdir, "master.fifo")
-
-    @property
-    def ini_path(self) -> str:
-        return os.path.join(self.workdir, "uwsgi.ini")
-
-    @property
-    def touch_path(self) -> str:
-        return os.path.join(self.workdir, "reload.trigger")
+    def __init__(self, workdir: str, spec: Spec, label: str = ""):
+        super().__init__(workdir, spec, label)
+        self.fifo = os.path.join(workdir, "master.fifo")
+        self.ini_path = os.path.join(workdir, "uwsgi.ini")
+        self.touch_path = os.path.join(workdir, "reload.trigger")     # touch-reload's file
 
     @property
     def lazy_apps(self) -> bool:

@@ -155,7 +155,7 @@ def _changes(stack, steps: list, changes: list, stop) -> None:
 def run(ctx: Context) -> Result:
     result = Result(NAME, TITLE, BASELINE, COLUMNS)
     n = ctx.workers
-    duration, up_at, down_at = (10.0, 3.0, 6.5) if ctx.smoke else (24.0, 6.0, 15.0)
+    duration, up_at, down_at = (12.0, 3.0, 7.5) if ctx.smoke else (24.0, 6.0, 15.0)
     steps = [(up_at, n, n + 1), (down_at, n + 1, n)]
     result.notes.append(
         "%d -> %d workers at %.0f s, back to %d at %.0f s, of %.0f s of wrk with %d connections "
