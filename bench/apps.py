@@ -6,6 +6,9 @@
 - ``leak_rate``: like hello, but grows ``LEAK_RATE`` bytes per second of
   serving, whatever the request rate: each request keeps the rate times the
   time since the previous one (at most 0.1 s of it, so idle time adds nothing).
+- ``slow``: hello after ``BENCH_SLOW_SECONDS`` (default 0.02) of sleep: the
+  throughput is then the number of single-thread workers over that time, so
+  it shows how many workers serve (the worker-count scenario).
 - ``grow``: serves hello; ``GET /grow`` adds ``GROW_BYTES`` at once and answers
   with the pid and the time, so the detection scenario knows which worker
   crossed its limit and when.
@@ -22,6 +25,7 @@ import time
 LEAK_BYTES = int(os.environ.get("BENCH_LEAK_BYTES", 32 * 1024))
 LEAK_RATE = int(os.environ.get("BENCH_LEAK_RATE", 5 * 1024 * 1024))
 GROW_BYTES = int(os.environ.get("BENCH_GROW_BYTES", 96 * 1024 * 1024))
+SLOW_SECONDS = float(os.environ.get("BENCH_SLOW_SECONDS", 0.02))
 
 _HELLO = b"Hello, world!\n"
 _kept: list = []
@@ -84,6 +88,11 @@ def leak_rate(environ, start_response):
     _last[0] = now
     if gap > 0:
         _kept.append(b"x" * int(LEAK_RATE * gap))
+    return _respond(start_response, _HELLO)
+
+
+def slow(environ, start_response):
+    time.sleep(SLOW_SECONDS)
     return _respond(start_response, _HELLO)
 
 

@@ -6,7 +6,10 @@
   ``[fcgi-program]`` with a bare flup6 ``WSGIServer`` per process, restarted
   with ``supervisorctl restart`` and capped with superlance's memmon.
 - :class:`Uwsgi`: uWSGI's ``--fastcgi-socket`` with a master,
-  ``--max-requests``, ``--reload-on-rss`` and chain reload.
+  ``--max-requests``, ``--reload-on-rss`` and chain reload; from an ini file
+  with ``touch-reload`` when asked (``Spec.extra["ini"]``).
+- :class:`Gunicorn`: gunicorn's arbiter and sync workers from a Python
+  config file, HTTP on a unix socket (nginx proxies to it).
 
 All take the same :class:`Spec` (app, workers, threads, limits) so one
 scenario drives them alike.  Every process is started in a new session and
@@ -15,6 +18,7 @@ killed by process group on :meth:`Contender.stop`.
 from __future__ import annotations
 
 import glob
+import dataclasses
 import json
 import os
 import shutil
@@ -84,6 +88,10 @@ def supervisor_rpc(sock: str):
 class Contender:
     """One server setup under test.  Subclasses fill in the process details."""
     kind = "?"
+    protocol = "fastcgi"          # what nginx speaks to it: "fastcgi" or "http"
+    # Whether a change of the worker count (:meth:`resize`) replaces every
+    # worker (a reload) or only starts or stops the difference.
+    resize_replaces_workers = True
 
     def __init__(self, workdir: str, spec: Spec, label: str = ""):
         self.workdir = workdir
@@ -113,7 +121,29 @@ class Contender:
         """A rolling (or, for the baseline, full) restart of every worker."""
         raise NotImplementedError
 
+    def resize(self, count: int) -> Optional[subprocess.Popen]:
+        """Change the worker count of the running contender the way its users
+        do (edit the config file, then trigger); returns the trigger command
+        still running, if there is one (the caller waits for it)."""
+        raise NotImplementedError
+
     # -- shared ---------------------------------------------------------
+    def _launch(self, cmd: list, log_name: str, timeout: float, env: Optional[dict] = None) -> None:
+        """Start ``cmd`` in a new session (output to ``log_name``) and wait
+        until its workers are ready; stopped again if they never are."""
+        out = open(os.path.join(self.workdir, log_name), "ab")
+        self.proc = subprocess.Popen(cmd, stdout=out, stderr=out, start_new_session=True,
+                                     cwd=self.workdir, env=env)
+        out.close()
+        try:
+            self.wait_ready(timeout)
+        except ContenderError:
+            self.stop()
+            raise
+
+    def _respec(self, count: int) -> None:
+        self.spec = dataclasses.replace(self.spec, workers=count)
+
     def ready_pids(self) -> list[int]:
         """Workers that are running and have imported the app."""
         return [p for p in self.worker_pids()
@@ -241,15 +271,8 @@ stderr_logfile={w}/memmon.log
     def start(self, timeout: float = 60.0) -> None:
         with open(self.conf_path, "w") as f:
             f.write(self.render())
-        out = open(os.path.join(self.workdir, "supervisord-stdout.log"), "ab")
-        self.proc = subprocess.Popen([tool("supervisord") or "supervisord", "-n", "-c", self.conf_path],
-                                     stdout=out, stderr=out, start_new_session=True, cwd=self.workdir)
-        out.close()
-        try:
-            self.wait_ready(timeout)
-        except ContenderError:
-            self.stop()
-            raise
+        self._launch([tool("supervisord") or "supervisord", "-n", "-c", self.conf_path],
+                     "supervisord-stdout.log", timeout)
 
     def restart_one(self, index: int) -> subprocess.CompletedProcess:
         """``supervisorctl restart bench:bench_NN``: what a cron job or operator does."""
@@ -259,63 +282,97 @@ stderr_logfile={w}/memmon.log
         self.supervisorctl("restart", "bench:*")
 
 
+def live_children(proc: Optional[subprocess.Popen]) -> list[int]:
+    """The non-zombie children of a master process (its workers)."""
+    import psutil
+    if proc is None or proc.poll() is not None:
+        return []
+    try:
+        return [c.pid for c in psutil.Process(proc.pid).children()
+                if c.status() != psutil.STATUS_ZOMBIE]
+    except psutil.Error:
+        return []
+
+
 class Uwsgi(Contender):
-    """uWSGI master + N workers on ``--fastcgi-socket``."""
+    """uWSGI master + N workers on ``--fastcgi-socket``.
+
+    ``Spec.extra``: ``lazy_apps`` (default on: each worker imports the app,
+    needed for a chain reload), ``ini`` (the options go to ``uwsgi.ini`` with
+    ``touch-reload``, so :meth:`resize` edits the file and touches the
+    trigger: uWSGI's graceful reload re-reads it)."""
     kind = "uwsgi"
 
+    def __init__(self, workdir: str, spec: Spec, label: str = ""):
+        super().__init__(workdir, spec, label)
+        self.fifo = os.path.join(workdir, "master.fifo")
+        self.ini_path = os.path.join(workdir, "uwsgi.ini")
+        self.touch_path = os.path.join(workdir, "reload.trigger")     # touch-reload's file
+
     @property
-    def fifo(self) -> str:
-        return os.path.join(self.workdir, "master.fifo")
+    def lazy_apps(self) -> bool:
+        return bool(self.spec.extra.get("lazy_apps", True))
+
+    def options(self) -> list[tuple[str, Optional[str]]]:
+        """uWSGI's options as (name, value); value None for a flag."""
+        s = self.spec
+        opts: list[tuple[str, Optional[str]]] = [
+            ("master", None), ("fastcgi-socket", self.socket_path), ("chmod-socket", "600"),
+            ("processes", str(s.workers)), ("module", s.app), ("chdir", ROOT), ("pythonpath", ROOT),
+            ("die-on-term", None), ("disable-logging", None), ("master-fifo", self.fifo),
+            ("pidfile", os.path.join(self.workdir, "uwsgi.pid")),
+            ("logto", os.path.join(self.workdir, "uwsgi.log")), ("listen", "128")]
+        if self.lazy_apps:
+            opts.append(("lazy-apps", None))
+        # uWSGI ignores --max-requests and --reload-on-rss for a worker
+        # younger than min-worker-lifetime (default 10 s); ours has no
+        # such floor for request counts, and its RSS flap guard is
+        # lowered the same way (Spec.extra["flap_window"]).
+        # Spec.extra["min_worker_lifetime"] = None: uWSGI's default.
+        if s.extra.get("min_worker_lifetime", 1) is not None:
+            opts.append(("min-worker-lifetime", str(s.extra.get("min_worker_lifetime", 1))))
+        if s.threads > 1:
+            opts.append(("threads", str(s.threads)))
+        if s.max_requests:
+            opts.append(("max-requests", str(s.max_requests)))
+        if s.max_rss:
+            opts.append(("reload-on-rss", str(max(1, s.max_rss // (1024 * 1024)))))
+        opts += [("env", "%s=%s" % kv) for kv in sorted(self.worker_env().items())]
+        if s.extra.get("ini"):
+            opts.append(("touch-reload", self.touch_path))
+        return opts
+
+    def render_ini(self) -> str:
+        return "[uwsgi]\n" + "".join("%s = %s\n" % (k, "true" if v is None else v)
+                                     for k, v in self.options())
 
     def command(self) -> list[str]:
-        s = self.spec
         binary = tool("uwsgi")
         if not binary:
             raise ContenderError("uwsgi is not installed (pip install uwsgi)")
-        module = s.app
-        cmd = [binary, "--master", "--fastcgi-socket", self.socket_path, "--chmod-socket=600",
-               "--processes", str(s.workers), "--module", module, "--chdir", ROOT,
-               "--pythonpath", ROOT, "--lazy-apps", "--die-on-term", "--disable-logging",
-               "--master-fifo", self.fifo, "--pidfile", os.path.join(self.workdir, "uwsgi.pid"),
-               "--logto", os.path.join(self.workdir, "uwsgi.log"), "--listen", "128",
-               # uWSGI ignores --max-requests and --reload-on-rss for a worker
-               # younger than min-worker-lifetime (default 10 s); ours has no
-               # such floor for request counts, and its RSS flap guard is
-               # lowered the same way (Spec.extra["flap_window"]).
-               # Spec.extra["min_worker_lifetime"] = None: uWSGI's default.
-               ]
-        if s.extra.get("min_worker_lifetime", 1) is not None:
-            cmd += ["--min-worker-lifetime", str(s.extra.get("min_worker_lifetime", 1))]
-        if s.threads > 1:
-            cmd += ["--threads", str(s.threads)]
-        if s.max_requests:
-            cmd += ["--max-requests", str(s.max_requests)]
-        if s.max_rss:
-            cmd += ["--reload-on-rss", str(max(1, s.max_rss // (1024 * 1024)))]
-        for k, v in sorted(self.worker_env().items()):
-            cmd += ["--env", "%s=%s" % (k, v)]
-        return cmd
+        if self.spec.extra.get("ini"):
+            return [binary, "--ini", self.ini_path]
+        return [binary] + ["--" + k if v is None else "--%s=%s" % (k, v) for k, v in self.options()]
 
     def start(self, timeout: float = 60.0) -> None:
-        out = open(os.path.join(self.workdir, "uwsgi-stdout.log"), "ab")
-        self.proc = subprocess.Popen(self.command(), stdout=out, stderr=out,
-                                     start_new_session=True, cwd=self.workdir)
-        out.close()
-        try:
-            self.wait_ready(timeout)
-        except ContenderError:
-            self.stop()
-            raise
+        if self.spec.extra.get("ini"):
+            with open(self.touch_path, "w"):
+                pass
+            with open(self.ini_path, "w") as f:
+                f.write(self.render_ini())
+        self._launch(self.command(), "uwsgi-stdout.log", timeout)
 
     def worker_pids(self) -> list[int]:
-        import psutil
-        if self.proc is None or self.proc.poll() is not None:
-            return []
-        try:
-            return [c.pid for c in psutil.Process(self.proc.pid).children()
-                    if c.status() != psutil.STATUS_ZOMBIE]
-        except psutil.Error:
-            return []
+        return live_children(self.proc)
+
+    def ready_pids(self) -> list[int]:
+        if self.lazy_apps:
+            return super().ready_pids()
+        # Without --lazy-apps the master imports the app and forks the
+        # workers from it (again after a reload): every worker has it.
+        master = self.proc.pid if self.proc is not None else 0
+        loaded = os.path.exists(os.path.join(self.mark_dir, "ready-%d" % master))
+        return self.worker_pids() if loaded else []
 
     def _fifo(self, command: bytes) -> None:
         fd = os.open(self.fifo, os.O_WRONLY | os.O_NONBLOCK)
@@ -328,13 +385,67 @@ class Uwsgi(Contender):
         """Chain reload: one worker at a time (needs --lazy-apps)."""
         self._fifo(b"c")
 
+    def resize(self, count: int) -> None:
+        """``processes`` changed in the ini, then the touch-reload file touched:
+        a graceful reload of the whole instance (the master re-reads the ini)."""
+        self._respec(count)
+        with open(self.ini_path, "w") as f:
+            f.write(self.render_ini())
+        os.utime(self.touch_path)
+
     def _graceful_stop(self) -> None:
         self.proc.send_signal(signal.SIGINT)
+
+
+class Gunicorn(Contender):
+    """gunicorn's arbiter + N sync workers on a unix socket, from a Python
+    config file; nginx proxies HTTP to it (no FastCGI in gunicorn)."""
+    kind = "gunicorn"
+    protocol = "http"
+
+    @property
+    def conf_path(self) -> str:
+        return os.path.join(self.workdir, "gunicorn.conf.py")
+
+    def render(self) -> str:
+        s = self.spec
+        settings = [("wsgi_app", s.app), ("bind", ["unix:" + self.socket_path]), ("umask", 0o077),
+                    ("workers", s.workers), ("threads", s.threads), ("chdir", ROOT),
+                    ("graceful_timeout", 10), ("max_requests", s.max_requests),
+                    ("pidfile", os.path.join(self.workdir, "gunicorn.pid")),
+                    ("errorlog", os.path.join(self.workdir, "gunicorn.log")),
+                    # gunicorn >= 25.1 opens a control socket under $HOME by default.
+                    ("control_socket_disable", True)]
+        return "".join("%s = %r\n" % kv for kv in settings)
+
+    def start(self, timeout: float = 60.0) -> None:
+        binary = tool("gunicorn")
+        if not binary:
+            raise ContenderError("gunicorn is not installed (pip install gunicorn)")
+        with open(self.conf_path, "w") as f:
+            f.write(self.render())
+        self._launch([binary, "-c", self.conf_path], "gunicorn-stdout.log", timeout,
+                     env=dict(os.environ, **self.worker_env()))
+
+    def worker_pids(self) -> list[int]:
+        return live_children(self.proc)
+
+    def reload(self) -> None:
+        """HUP: new workers with the re-read config, the old ones stopped gracefully."""
+        self.proc.send_signal(signal.SIGHUP)
+
+    def resize(self, count: int) -> None:
+        """``workers`` changed in the config file, then HUP to the master."""
+        self._respec(count)
+        with open(self.conf_path, "w") as f:
+            f.write(self.render())
+        self.reload()
 
 
 class Ours(_Supervised):
     """fcgi-toolkit: supervisord, our worker and the watchdog, from a deploy.toml."""
     kind = "fcgi-toolkit"
+    resize_replaces_workers = False     # apply starts or stops only the difference
 
     @property
     def runtime_dir(self) -> str:
@@ -366,6 +477,7 @@ class Ours(_Supervised):
             "[workers]",
             "count = %d" % s.workers,
             "standby = %d" % s.extra.get("standby", 1),
+            "max_slots = %d" % s.extra.get("max_slots", 0),
             "threads = %d" % s.threads,
             'socket = %s' % json.dumps("unix://" + self.socket_path),
             'graceful_timeout = "10s"',
@@ -396,24 +508,17 @@ class Ours(_Supervised):
     def start(self, timeout: float = 60.0) -> None:
         with open(self.deploy_path, "w") as f:
             f.write(self.render())
-        out = open(os.path.join(self.workdir, "run-stdout.log"), "ab")
-        env = dict(os.environ, PYTHONPATH=ROOT)
-        self.proc = subprocess.Popen(self.toolkit("run"), stdout=out, stderr=out,
-                                     start_new_session=True, cwd=self.workdir, env=env)
-        out.close()
-        try:
-            self.wait_ready(timeout)
-        except ContenderError:
-            self.stop()
-            raise
+        self._launch(self.toolkit("run"), "run-stdout.log", timeout, env=dict(os.environ, PYTHONPATH=ROOT))
 
     def ready_pids(self) -> list[int]:
         # Ours has its own readiness signal: the scoreboard's ready flag.
         # Require both it and the neutral import mark.
         from fcgi_toolkit.scoreboard import Scoreboard
+        from fcgi_toolkit.settings import slot_total
         pids = super().ready_pids()
-        board = Scoreboard(os.path.join(self.runtime_dir, "scoreboard"), self.spec.workers
-                           + self.spec.extra.get("standby", 1))
+        board = Scoreboard(os.path.join(self.runtime_dir, "scoreboard"),
+                           slot_total(self.spec.workers, self.spec.extra.get("standby", 1),
+                                      self.spec.extra.get("max_slots", 0)))
         try:
             ready = {r.pid for r in board.read_all() if r is not None and r.ready and not r.draining}
         finally:
@@ -431,6 +536,19 @@ class Ours(_Supervised):
         subprocess.run(self.toolkit("reload"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                        timeout=120, env=dict(os.environ, PYTHONPATH=ROOT))
 
+    def resize(self, count: int) -> subprocess.Popen:
+        """``workers.count`` changed in deploy.toml, then ``fcgi-toolkit apply``
+        (within ``workers.max_slots``: no group restart)."""
+        self._respec(count)
+        with open(self.deploy_path, "w") as f:
+            f.write(self.render())
+        out = open(os.path.join(self.workdir, "apply.log"), "ab")
+        try:
+            return subprocess.Popen(self.toolkit("apply"), stdout=out, stderr=subprocess.STDOUT,
+                                    env=dict(os.environ, PYTHONPATH=ROOT))
+        finally:
+            out.close()
+
     def restart_one(self, index: int) -> None:
         subprocess.run(self.toolkit("recycle") + ["bench_%02d" % index], stdout=subprocess.DEVNULL,
                        stderr=subprocess.DEVNULL, timeout=120, env=dict(os.environ, PYTHONPATH=ROOT))
@@ -444,15 +562,15 @@ def ours_available() -> Optional[str]:
     return "not built yet: %s" % ", ".join(missing) if missing else None
 
 
-KINDS = {"ours": Ours, "flup": PlainSupervisord, "uwsgi": Uwsgi}
+KINDS = {"ours": Ours, "flup": PlainSupervisord, "uwsgi": Uwsgi, "gunicorn": Gunicorn}
 
 
 def unavailable(kind: str, spec: Spec) -> Optional[str]:
     """Why ``kind`` cannot run here (None if it can)."""
     if kind == "ours":
         return ours_available()
-    if kind == "uwsgi" and not tool("uwsgi"):
-        return "uwsgi is not installed (pip install uwsgi)"
+    if kind in ("uwsgi", "gunicorn") and not tool(kind):
+        return "%s is not installed (pip install %s)" % (kind, kind)
     if kind == "flup" and spec.max_rss and not tool("memmon"):
         return "superlance's memmon is not installed (pip install superlance)"
     return None

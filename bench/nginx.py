@@ -41,8 +41,9 @@ def free_port() -> int:
 
 
 def render(workdir: str, port: int, fcgi_socket: str, keepalive: int = 0,
-           access_log: bool = False) -> str:
-    """nginx.conf text for one contender: loopback listen, one FastCGI upstream."""
+           access_log: bool = False, protocol: str = "fastcgi") -> str:
+    """nginx.conf text for one contender: loopback listen, one upstream on a
+    unix socket, spoken to in FastCGI or (``protocol="http"``, gunicorn) HTTP."""
     lines = []
     if os.geteuid() == 0:
         # As root nginx would drop its worker to "nobody", which cannot open
@@ -79,13 +80,24 @@ def render(workdir: str, port: int, fcgi_socket: str, keepalive: int = 0,
         "    listen 127.0.0.1:%d;" % port,
         "    location / {",
     ]
-    lines += ['      fastcgi_param %s %s;' % (k, v) for k, v in _PARAMS]
-    if keepalive:
-        lines.append("      fastcgi_keep_conn on;")
+    if protocol == "http":
+        if keepalive:
+            lines += ["      proxy_http_version 1.1;", '      proxy_set_header Connection "";']
+        lines += [
+            "      proxy_connect_timeout 5s;",
+            "      proxy_read_timeout 60s;",
+            "      proxy_pass http://app;",
+        ]
+    else:
+        lines += ['      fastcgi_param %s %s;' % (k, v) for k, v in _PARAMS]
+        if keepalive:
+            lines.append("      fastcgi_keep_conn on;")
+        lines += [
+            "      fastcgi_connect_timeout 5s;",
+            "      fastcgi_read_timeout 60s;",
+            "      fastcgi_pass app;",
+        ]
     lines += [
-        "      fastcgi_connect_timeout 5s;",
-        "      fastcgi_read_timeout 60s;",
-        "      fastcgi_pass app;",
         "    }",
         "  }",
         "}",
@@ -109,12 +121,12 @@ class Nginx:
         return os.path.join(self.workdir, "access.log")
 
     def start(self, fcgi_socket: str, keepalive: int = 0, access_log: bool = False,
-              timeout: float = 10.0) -> "Nginx":
+              timeout: float = 10.0, protocol: str = "fastcgi") -> "Nginx":
         binary = shutil.which("nginx") or "/usr/sbin/nginx"
         os.makedirs(os.path.join(self.workdir, "nginx-tmp"), exist_ok=True)
         conf = os.path.join(self.workdir, "nginx.conf")
         with open(conf, "w") as f:
-            f.write(render(self.workdir, self.port, fcgi_socket, keepalive, access_log))
+            f.write(render(self.workdir, self.port, fcgi_socket, keepalive, access_log, protocol))
         err = open(os.path.join(self.workdir, "nginx-stderr.log"), "ab")
         # -e: nginx >= 1.19.5 opens its default error log before reading the
         # config; point it into the workdir so a non-root run works too.

@@ -1,7 +1,8 @@
 """PNG plots of one run (matplotlib, headless).
 
 - ``throughput.png``: requests/s per contender and app (median, runs as dots).
-- ``recycle.png`` / ``reload.png``: completed and failed requests per second.
+- ``recycle.png`` / ``reload.png`` / ``scale.png``: completed and failed
+  requests per second.
 - ``leak.png``: RSS of every worker over time, one panel per contender.
 
 ``python -m bench.plot [RESULTS_DIR]`` redraws from results.json.
@@ -65,7 +66,9 @@ def timelines(res: dict, path: str) -> None:
         ax.set_title(label, fontsize=9)
         ax.set_ylabel("req/s")
         ax.legend(fontsize=7, loc="lower right")
-    axes[-1, 0].set_xlabel("seconds (shaded: reload in progress)" if res["name"] == "reload" else "seconds")
+    shaded = {"reload": " (shaded: reload in progress)",
+              "scale": " (shaded: from the trigger until the new count is in effect)"}
+    axes[-1, 0].set_xlabel("seconds" + shaded.get(res["name"], ""))
     fig.suptitle(res["title"])
     fig.tight_layout()
     fig.savefig(path, dpi=90)
@@ -90,7 +93,8 @@ def leak(res: dict, path: str) -> None:
     plt.close(fig)
 
 
-DRAW = {"throughput": throughput, "recycle": timelines, "reload": timelines, "leak": leak}
+DRAW = {"throughput": throughput, "recycle": timelines, "reload": timelines, "scale": timelines,
+        "leak": leak}
 
 
 def draw(res: dict, out_dir: str) -> list[str]:

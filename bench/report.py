@@ -51,6 +51,7 @@ def environment() -> dict:
         "supervisor": _pkg("supervisor"),
         "superlance": _pkg("superlance"),
         "uwsgi": _version([tool("uwsgi") or "uwsgi", "--version"]),
+        "gunicorn": _pkg("gunicorn"),
         "nginx": _version(["nginx", "-v"]),
         "wrk": _version(["wrk", "-v"]).split(" Copyright")[0],
     }
@@ -82,7 +83,7 @@ def markdown(doc: dict) -> str:
            "Run %s on %s." % (env["date"], env["machine"]), "",
            "Versions: " + ", ".join("%s %s" % (k, env[k]) for k in
                                     ("python", "fcgi-toolkit", "flup6", "supervisor", "superlance",
-                                     "uwsgi", "nginx", "wrk")) + ".", "",
+                                     "uwsgi", "gunicorn", "nginx", "wrk")) + ".", "",
            "Command: `%s`%s. Every ratio is against the baseline named in its column, "
            "measured in the same run." % (doc["command"], " (smoke: seconds, not comparable)"
                                           if doc["smoke"] else ""), ""]

@@ -1,11 +1,11 @@
 """The bench entry point: ``python -m bench.run`` (``tox -e bench`` runs it).
 
-    python -m bench.run                       # every scenario, ~18 minutes on 2 cores
+    python -m bench.run                       # every scenario, ~20 minutes on 2 cores
     python -m bench.run --scenario leak       # one scenario alone
     python -m bench.run --smoke               # seconds: CI's check that the suite runs
 
 Writes results.json, results.md and PNG plots to ``--out`` (default
-bench/results/).  A contender that is not installed (uWSGI, memmon) or not
+bench/results/).  A contender that is not installed (uWSGI, gunicorn, memmon) or not
 built yet is reported as skipped, never silently left out.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ from bench.stack import Session
 
 log = logging.getLogger("bench")
 
-SCENARIOS = ("throughput", "recycle", "reload", "leak", "watchdog", "detection", "memlimit")
+SCENARIOS = ("throughput", "recycle", "reload", "scale", "leak", "watchdog", "detection", "memlimit")
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
@@ -40,8 +40,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds in the throughput scenario")
     p.add_argument("--workers", type=int, default=2, help="workers per contender")
     p.add_argument("--connections", type=int, default=8, help="wrk connections")
-    p.add_argument("--contenders", default="ours,flup,uwsgi",
-                   help="comma-separated subset of ours,flup,uwsgi")
+    p.add_argument("--contenders", default="ours,flup,uwsgi,gunicorn",
+                   help="comma-separated subset of ours,flup,uwsgi,gunicorn")
     p.add_argument("--out", default=DEFAULT_OUT, help="results directory")
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs) after the run")
     p.add_argument("-v", "--verbose", action="store_true")

@@ -30,7 +30,7 @@ class Context:
     rounds: int = 3              # interleaved repetitions (A B C A B C ...)
     workers: int = 2
     connections: int = 8
-    kinds: tuple = ("ours", "flup", "uwsgi")
+    kinds: tuple = ("ours", "flup", "uwsgi", "gunicorn")
     # Values other scenarios measured in this run (e.g. per-request time).
     shared: dict = field(default_factory=dict)
 

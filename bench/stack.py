@@ -60,7 +60,8 @@ class Session:
         nginx = Nginx(workdir, free_port())
         stack = Stack(contender, nginx)
         self._stacks.append(stack)
-        nginx.start(contender.socket_path, keepalive=spec.keepalive, access_log=access_log)
+        nginx.start(contender.socket_path, keepalive=spec.keepalive, access_log=access_log,
+                    protocol=contender.protocol)
         return stack
 
     def stop(self, stack: Stack) -> None:

@@ -119,7 +119,8 @@ def test_verdicts_and_markdown():
                 "columns": [["contender", "contender", "s"], ["failed", "failed", "d"]]}
     doc = {"command": "python -m bench.run", "smoke": False,
            "environment": {k: "v" for k in ("date", "machine", "python", "fcgi-toolkit", "flup6",
-                                             "supervisor", "superlance", "uwsgi", "nginx", "wrk")},
+                                             "supervisor", "superlance", "uwsgi", "gunicorn", "nginx",
+                                             "wrk")},
            "scenarios": [res("recycle", [{"contender": "ours x", "failed": 0}]),
                          res("reload", [{"contender": "ours y", "failed": 2}]),
                          res("leak", [{"contender": "ours z", "failed": 0}]),
@@ -181,3 +182,62 @@ def test_limit_to_ready_pairs_each_offender_with_the_next_new_ready_worker():
                (2.0, ({2: 90 * mb, 3: 22 * mb, 4: 20 * mb}, [2, 3, 4]))]  # 4 ready
     assert limit_to_ready(samples, 80 * mb) == pytest.approx([0.4, 0.8])
     assert limit_to_ready([], 80 * mb) == []
+
+
+# -- the worker-count scenario's pure parts ----------------------------------
+
+def test_scale_in_effect_needs_the_count_all_ready_and_none_from_before():
+    from bench.scenario_scale import in_effect
+    assert in_effect([3, 4, 5], [3, 4, 5], 3, before=[1, 2])
+    assert not in_effect([1, 4, 5], [1, 4, 5], 3, before=[1, 2])        # an old one still serves
+    assert not in_effect([3, 4, 5], [3, 4], 3, before=[])               # one not ready yet
+    assert not in_effect([1, 2, 3], [1, 2], 2, before=[])               # a stopping one still live
+    assert in_effect([1, 2, 3], [1, 2, 3], 3, before=[])                # ours: the old ones stay
+
+
+def test_scale_summary_levels_dip_and_time_to_effect():
+    from bench.scenario_scale import Change, summarize
+    # 0.5 s bins from t=1000: 50 per bin (100/s) before, a 10 bin during
+    # the change at 1005.0 (in effect 1006.0), 75 per bin after; back down
+    # at 1010.0 (in effect 1010.5) to 50 per bin with no gap.
+    bins = []
+    for i in range(30):
+        t = 1000.0 + i * 0.5
+        ok = 50 if t < 1005.0 else 10 if t < 1006.0 else 75 if t < 1010.5 else 50
+        bins.append({"t": i * 0.5, "ok": ok, "failed": 0})
+    changes = [Change(2, 3, 1005.0, 1006.0), Change(3, 2, 1010.0, 1010.5)]
+    up, down = summarize(bins, 1000.0, 1015.0, changes)
+    assert (up["before"], up["after"], up["dip"], up["seconds"]) == (100.0, 150.0, 0.2, 1.0)
+    # Down: the worst bin is the new, lower level itself: no dip beyond it.
+    assert (down["before"], down["after"], down["dip"], down["seconds"]) == (150.0, 100.0, 1.0, 0.5)
+    assert up["in_effect"] and down["in_effect"]
+    never = summarize(bins, 1000.0, 1015.0, [Change(2, 3, 1005.0, None)])[0]
+    assert never["seconds"] is None and never["after"] is None and not never["in_effect"]
+    assert summarize(bins, 1000.0, 1015.0, [Change(2, 3, 1005.0, 1006.0, trigger_ok=False)])[0][
+        "in_effect"] is False
+
+
+def test_nginx_proxies_http_for_gunicorn(tmp_path):
+    text = nginx.render(str(tmp_path), 8123, "/tmp/x/app.sock", protocol="http")
+    assert "proxy_pass http://app;" in text and "server unix:/tmp/x/app.sock;" in text
+    assert "fastcgi" not in text.split("location /", 1)[1]
+
+
+def test_uwsgi_ini_and_command_line_carry_the_same_options(tmp_path):
+    from bench.contenders import Spec, Uwsgi
+    spec = Spec(app="bench.apps:slow", workers=2, extra={"ini": True, "lazy_apps": False})
+    u = Uwsgi(str(tmp_path), spec)
+    ini = u.render_ini()
+    assert ini.startswith("[uwsgi]\n") and "processes = 2\n" in ini and "master = true\n" in ini
+    assert "touch-reload = %s\n" % u.touch_path in ini and "lazy-apps" not in ini
+    flags = Uwsgi(str(tmp_path), Spec(app="bench.apps:slow")).options()
+    assert ("lazy-apps", None) in flags and not any(k == "touch-reload" for k, _ in flags)
+
+
+def test_gunicorn_config_is_python_with_the_worker_count(tmp_path):
+    from bench.contenders import Gunicorn, Spec
+    g = Gunicorn(str(tmp_path), Spec(app="bench.apps:slow", workers=3))
+    conf: dict = {}
+    exec(g.render(), conf)
+    assert conf["workers"] == 3 and conf["wsgi_app"] == "bench.apps:slow"
+    assert conf["bind"] == ["unix:" + g.socket_path] and conf["control_socket_disable"] is True
