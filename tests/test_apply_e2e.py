@@ -85,6 +85,36 @@ def test_apply_under_load_limits_threads_and_nginx_with_zero_failures(cluster):
     assert _drift(c)["drift"] == ["workers.socket_mode"]
 
 
+def test_watched_deployment_file_is_applied_when_it_changes_zero_failures(cluster):
+    c = cluster("core_app:application", name="wa", recycle=dict(FAST), workers={"threads": 1})
+    # The watch itself is a watchdog key: applied in place by an explicit apply.
+    _edit(c, recycle={"watch": [c.deploy_path], "debounce": 0.5})
+    r = c.toolkit("apply", "-c", c.deploy_path, timeout=60)
+    assert r.returncode == 0 and _drift(c)["drift"] == [], r.stdout + r.stderr
+    load = c.load(SLOW, threads=64, duration=60).start()
+    try:
+        wait_for(lambda: load.total >= 64, 20, "the load to be served before the edit")
+        _edit(c, limits={"max_requests": 40})      # no apply: the watchdog sees the edit
+        wait_for(lambda: _drift(c)["drift"] == [], 60, "the watched file's apply")
+        wait_for(lambda: "reason='requests " in c.watchdog_log(), 30,
+                 "a recycle by the new max_requests")
+    finally:
+        load.stop()
+        load.join()
+    assert load.failed == 0, load.summary()
+    assert "deployment file %s changed: applying it" % c.deploy_path in c.watchdog_log()
+    # A bad edit of the watched file changes nothing: the running values stay.
+    _edit(c, limits={"max_requests": -3})
+    wait_for(lambda: "limits.max_requests = -3" in c.watchdog_log(), 30,
+             "the watched file's failed apply to name the key and value")
+    assert c.ready_workers() and _running_max_requests(c) == 40
+
+
+def _running_max_requests(c):
+    with open(os.path.join(c.runtime_dir, "applied.json"), encoding="utf-8") as f:
+        return json.load(f)["limits.max_requests"]
+
+
 def test_sighup_to_run_applies_the_edit_with_zero_failures_and_term_still_stops(tmp_path):
     c = Cluster(tmp_path / "run0", "core_app:application", name="hup", recycle=dict(FAST),
                 workers={"threads": 1})
