@@ -53,7 +53,7 @@ def test_drain_finishes_inflight_and_backlog_goes_to_another_worker(spawn):
         board = board_for(a)
         assert wait_for(lambda: (board.read(0) or None) and board.read(0).inflight == 1)
         a.terminate()
-        assert wait_for(lambda: board.read(0) and board.read(0).draining)
+        assert wait_for(lambda: board.read(0) and board.read(0).draining), a.log()
         # A new connection while A drains: it waits in the shared backlog...
         with fc.FastCGIConnection(listener.address, timeout=15) as late:
             late.start("/pid")

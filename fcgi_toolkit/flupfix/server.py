@@ -101,6 +101,7 @@ class DrainControl:
     def __init__(self, graceful_timeout: float):
         self.graceful_timeout = graceful_timeout
         self.stop_requested = False
+        self._stop_at = 0.0
         self.draining = False
         self._deadline = 0.0
         self._drain_lock = threading.Lock()
@@ -134,6 +135,7 @@ class DrainControl:
         """Ask for a drain.  Only sets a flag: safe in a signal handler
         (flup installed handlers that cut in-flight requests, bug 16)."""
         self.stop_requested = True
+        self._stop_at = time.monotonic()
 
     def wake(self) -> None:
         try:
@@ -159,8 +161,9 @@ class DrainControl:
             os.write(self._drain_w, b"x")   # never read: stays readable
         if self._on_drain is not None:
             self._on_drain()
-        log.info("draining: %d connection(s) open, %d request(s) in flight; deadline %.1fs",
-                 self._busy(), self._inflight_count(), self.graceful_timeout)
+        log.info("draining: %d connection(s) open, %d request(s) in flight; deadline %.1fs "
+                 "(%.3fs after the stop request)", self._busy(), self._inflight_count(),
+                 self.graceful_timeout, time.monotonic() - self._stop_at)
 
     def _drain(self) -> int:
         self._begin_drain()
