@@ -5,7 +5,7 @@ makes the master read its configuration again, start new worker processes
 with it and tell the old ones to finish their requests and exit: an old
 worker's title becomes ``nginx: worker process is shutting down``.  So the
 sign a reload took is on /proc: the master has a worker it did not have
-before, and each old worker is gone or shutting down (:func:`reload_took`);
+before, and each old worker is gone or shutting down (:func:`reloaded`);
 the old ones are done once every one is gone (:func:`old_gone`).
 
 The managed nginx (``nginx.managed``) is HUP'd through supervisord (its
@@ -39,16 +39,17 @@ class ReloadFailed(Exception):
 # Pure
 # --------------------------------------------------------------------------
 
-def reload_took(before: Workers, now: Workers) -> bool:
-    """Whether a master of ``before`` now has a new worker and every old one
-    is gone or shutting down."""
+def reloaded(before: Workers, now: Workers) -> list[int]:
+    """The masters of ``before`` that now have a new worker and whose every
+    old worker is gone or shutting down: those that took a reload."""
+    out = []
     for master, old in before.items():
         current = now.get(master)
         if current is None or not set(current) - set(old):
             continue
         if all(pid not in current or SHUTTING_DOWN in current[pid] for pid in old):
-            return True
-    return False
+            out.append(master)
+    return out
 
 
 def old_gone(before: Workers, now: Workers) -> bool:
@@ -84,8 +85,8 @@ def system_masters() -> list[int]:
     """Every nginx master process on the machine."""
     found = []
     for proc in psutil.process_iter(["cmdline"]):
-        cmdline = proc.info.get("cmdline") or []
-        if cmdline and cmdline[0].startswith(MASTER_TITLE):
+        # psutil splits a rewritten title at its spaces: join it back.
+        if " ".join(proc.info.get("cmdline") or []).startswith(MASTER_TITLE):
             found.append(proc.pid)
     return found
 
@@ -113,7 +114,7 @@ TOOK_TIMEOUT = 15.0
 def reload(dep: Any, rpc: Any, nginx_binary: str,
            run: Callable[..., subprocess.CompletedProcess] = subprocess.run) -> Workers:
     """Reload nginx gracefully and wait until it took; return the old workers
-    (for :func:`wait_old_gone`).  Raise ReloadFailed."""
+    of the masters that took it (for :func:`wait_old_gone`).  Raise ReloadFailed."""
     if dep.nginx.managed:
         master = int(rpc.getProcessInfo(nginx_program(dep.name))["pid"])
         if not master:
@@ -134,10 +135,16 @@ def reload(dep: Any, rpc: Any, nginx_binary: str,
             text = (done.stdout or b"").decode("utf-8", "replace").strip().splitlines()
             raise ReloadFailed("%s exited %d: %s" % (" ".join(command), done.returncode,
                                                       text[-1] if text else "no output"))
-    if not wait(lambda: reload_took(before, workers_of(masters)), TOOK_TIMEOUT):
+    took: list[int] = []
+
+    def sign() -> bool:
+        took[:] = reloaded(before, workers_of(masters))
+        return bool(took)
+
+    if not wait(sign, TOOK_TIMEOUT):
         raise ReloadFailed("nginx showed no new worker processes within %gs of the reload "
                            "(see its error log)" % TOOK_TIMEOUT)
-    return before
+    return {master: before[master] for master in took}
 
 
 def wait_old_gone(dep: Any, before: Workers) -> Optional[str]:
