@@ -227,9 +227,17 @@ def apply_generation(dep: Deployment, running: Mapping[str, Any], wanted: Mappin
                                               ", ".join(todo.applicable)), file=out, flush=True)
     try:
         message = switch.Switcher(old, new, rpc or supervisord.control_proxy(dep), out).run()
-    except (switch.SwitchFailed, settings.ConfigError) as exc:
+    except settings.ConfigError as exc:
+        print("fcgi-toolkit: %s" % exc, file=err)
+        return 2
+    except switch.SwitchFailed as exc:
         print("fcgi-toolkit: not applied, generation %d still serves: %s"
               % (old.generation_number, exc), file=err)
+        return 1
+    except switch.DrainFailed as exc:
+        save(dep, after(running, wanted, todo.applicable))
+        print("fcgi-toolkit: generation %d serves, but generation %d did not drain: %s"
+              % (new.generation_number, old.generation_number, exc), file=err)
         return 1
     print("apply: %s" % message, file=out)
     save(dep, after(running, wanted, todo.applicable))

@@ -58,6 +58,10 @@ class SwitchFailed(Exception):
     """The new generation did not take over; the message is one line."""
 
 
+class DrainFailed(Exception):
+    """The new generation serves, but the old one did not drain (one line)."""
+
+
 # --------------------------------------------------------------------------
 # Pure decisions
 # --------------------------------------------------------------------------
@@ -183,8 +187,10 @@ class Switcher:
 
     # -- the switch ----------------------------------------------------------
     def run(self) -> str:
-        """Carry out the switch; its summary line.  Raise SwitchFailed after
-        rolling back (the old generation serving as before)."""
+        """Carry out the switch; its summary line.  Raise ConfigError (the
+        files do not render, nothing changed), SwitchFailed after rolling
+        back (the old generation serving as before) or DrainFailed (the new
+        one serves, the old one is left as it is)."""
         old, new = self.old, self.new
         files = self.render(new)          # ConfigError: nothing changed yet
         try:
@@ -211,9 +217,13 @@ class Switcher:
             self.say("warning: %s", warning)
         self.phase(Phase.DRAINING)
         generations.write(new.runtime_dir, new.generation)
-        self.follow()
-        self.drain()
-        generations.end_switch(old.runtime_dir)
+        try:
+            self.follow()
+            self.drain()
+        except SwitchFailed as exc:
+            raise DrainFailed(str(exc)) from None
+        finally:
+            generations.end_switch(old.runtime_dir)
         return "generation %d (%s, %s) serves; generation %d drained and removed" % (
             new.generation_number, new.group, new.socket_url, old.generation_number)
 

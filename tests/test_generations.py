@@ -317,3 +317,22 @@ def test_the_watchdog_follows_the_serving_generation_on_its_reread(tmp_path):
     assert w.co.gateway.group == "wiki_g2" and w.co.sampler.group == "wiki_g2"
     assert w.co.slot_names == ["wiki_g2_00", "wiki_g2_01", "wiki_g2_02"]
     assert w.co.sampler.scoreboard.path.endswith("scoreboard-g2")
+
+
+def test_an_old_worker_that_does_not_stop_leaves_the_new_generation_serving(tmp_path):
+    dep, old, new, sup, events, sw = _switch_world(tmp_path)
+    stop = sup.stopProcess
+
+    def stuck(namespec, wait):
+        if namespec == "wiki:wiki_01":
+            sup.calls.append(("stopProcess", namespec))
+            sup.groups["wiki"]["wiki_01"] = (ProcessStates.STOPPING, 2)
+            return True
+        return stop(namespec, wait)
+
+    sup.stopProcess = stuck
+    with pytest.raises(switch.DrainFailed, match="wiki_01 did not stop"):
+        sw.run()
+    assert ("removeProcessGroup", "wiki") not in sup.calls
+    assert generations.current(dep) == new.generation             # the new one serves
+    assert generations.read_switch(dep.runtime_dir) is None
