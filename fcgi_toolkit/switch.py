@@ -24,7 +24,6 @@ are pure; :class:`Switcher` is the shell, its collaborators injected.
 from __future__ import annotations
 
 import enum
-import logging
 import os
 import time
 import xmlrpc.client
@@ -37,8 +36,6 @@ from supervisor.xmlrpc import Faults
 from fcgi_toolkit import generations, names, nginxctl, render, scoreboard
 from fcgi_toolkit.names import STARTABLE_STATES, format_duration, state_name
 from fcgi_toolkit.settings import ConfigError, Deployment
-
-log = logging.getLogger("fcgi_toolkit.switch")
 
 #: Files of the web server the switch re-renders.
 NGINX_FILES = ("nginx.conf", "nginx-site.conf")

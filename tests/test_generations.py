@@ -15,20 +15,10 @@ from fcgi_toolkit import applying, generations, nginxctl, render, settings, stat
 from fcgi_toolkit.generations import Generation, SocketCollision
 from fcgi_toolkit.settings import Applied
 from harness import toml_dumps
-from test_apply import _world_with_file
+from test_apply import _dep, _world_with_file
 
 HOST = render.Host(euid=1000, user="alice", nginx_binary="/usr/sbin/nginx", mime_types="")
 RUNNING, STOPPED, BACKOFF = ProcessStates.RUNNING, ProcessStates.STOPPED, ProcessStates.BACKOFF
-
-
-def _dep(tmp_path, **sections):
-    data = {"app": {"name": "wiki", "wsgi": "app:application"},
-            "runtime": {"dir": str(tmp_path / "run")}}
-    for section, table in sections.items():
-        data.setdefault(section, {}).update(table)
-    path = tmp_path / "deploy.toml"
-    path.write_text(toml_dumps(data))
-    return settings.load(str(path))
 
 
 # -- which keys ----------------------------------------------------------------
