@@ -93,22 +93,23 @@ def effective_socket(configured: str, serving: str, number: int) -> str:
         "bound twice; change workers.socket too (another port)" % configured)
 
 
-def first(dep: Deployment) -> Generation:
-    """Generation 1: what ``run`` starts from the file."""
-    return Generation(1, group_name(dep.name, 1), dep.workers.socket,
-                      scoreboard_path(dep.runtime_dir, 1),
+def of_file(dep: Deployment, number: int, socket_url: str) -> Generation:
+    """Generation ``number`` of the file ``dep``, bound to ``socket_url``."""
+    return Generation(number, group_name(dep.name, number), socket_url,
+                      scoreboard_path(dep.runtime_dir, number),
                       settings.slot_total(dep.workers.count, dep.workers.standby,
                                           dep.workers.max_slots))
+
+
+def first(dep: Deployment) -> Generation:
+    """Generation 1: what ``run`` starts from the file."""
+    return of_file(dep, 1, dep.workers.socket)
 
 
 def successor(dep: Deployment, current: Generation) -> Generation:
     """The generation after ``current`` for the file ``dep`` (raise SocketCollision)."""
     number = current.number + 1
-    return Generation(number, group_name(dep.name, number),
-                      effective_socket(dep.workers.socket, current.socket_url, number),
-                      scoreboard_path(dep.runtime_dir, number),
-                      settings.slot_total(dep.workers.count, dep.workers.standby,
-                                          dep.workers.max_slots))
+    return of_file(dep, number, effective_socket(dep.workers.socket, current.socket_url, number))
 
 
 def attach(dep: Deployment, gen: Generation) -> Deployment:
@@ -171,10 +172,7 @@ def for_worker(dep: Deployment, number: int) -> Deployment:
     worker of the generation a switch is starting)."""
     gen = current(dep)
     if gen.number != number:
-        gen = Generation(number, group_name(dep.name, number), dep.workers.socket,
-                         scoreboard_path(dep.runtime_dir, number),
-                         settings.slot_total(dep.workers.count, dep.workers.standby,
-                                             dep.workers.max_slots))
+        gen = of_file(dep, number, dep.workers.socket)   # the worker inherits its socket
     return attach(dep, gen)
 
 
