@@ -150,11 +150,18 @@ class Coordinator:
     def follow(self, dep: Any) -> None:
         """Manage the serving generation's group from now on (a generation
         switch made it serve): its slots and its scoreboard.  The old group
-        is the switch's to drain; recycles of its slots are dropped."""
+        is the switch's to drain; recycles of its slots are dropped.  Each
+        slot's recycle counts move to the new slot of the same index, so the
+        operator's view (status, the metrics' counters) goes on."""
         from fcgi_toolkit.scoreboard import Scoreboard
         log.info("generation %d serves (group %s): the watchdog follows it",
                  dep.generation_number, dep.group)
         self.gateway = Gateway(self.gateway.rpc, dep.group)
+        for old, new in zip(self.slot_names, dep.slot_names()):
+            h = self.state.slot(old)
+            self.state.update_slot(new, recycles=h.recycles, last_reason=h.last_reason,
+                                   last_time=h.last_time, by_reason=dict(h.by_reason))
+            self.state.slots.pop(old, None)
         self.slot_names = dep.slot_names()
         self.sampler.follow(dep.group, self.slot_names, Scoreboard(dep.scoreboard_path, dep.slots))
         self.state.recycle.clear()

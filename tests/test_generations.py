@@ -300,6 +300,8 @@ def test_the_watchdog_follows_the_serving_generation_on_its_reread(tmp_path):
     (tmp_path / "deploy.toml").write_text(toml_dumps(data))
     dep = settings.load(str(tmp_path / "deploy.toml"))
     generations.write(dep.runtime_dir, generations.successor(dep, generations.first(dep)))
+    w.co.state.update_slot("wiki_01", recycles=3, last_reason="requests 9 >= 9",
+                           by_reason={"requests": 3})
     rid = statefile.enqueue(w.dep.runtime_dir, {"op": "apply", "rolling": False})
     w.passes(1)
     res = statefile.result(w.dep.runtime_dir, rid)
@@ -307,6 +309,11 @@ def test_the_watchdog_follows_the_serving_generation_on_its_reread(tmp_path):
     assert w.co.gateway.group == "wiki_g2" and w.co.sampler.group == "wiki_g2"
     assert w.co.slot_names == ["wiki_g2_00", "wiki_g2_01", "wiki_g2_02"]
     assert w.co.sampler.scoreboard.path.endswith("scoreboard-g2")
+    # The recycle history moved with the slot index: status and the counters go on.
+    moved = w.co.state.slot("wiki_g2_01")
+    assert (moved.recycles, moved.last_reason, dict(moved.by_reason)) == (
+        3, "requests 9 >= 9", {"requests": 3})
+    assert "wiki_01" not in w.co.state.slots
 
 
 def test_an_old_worker_that_does_not_stop_leaves_the_new_generation_serving(tmp_path):
