@@ -333,3 +333,27 @@ def test_an_old_worker_that_does_not_stop_leaves_the_new_generation_serving(tmp_
     assert ("removeProcessGroup", "wiki") not in sup.calls
     assert generations.current(dep) == new.generation             # the new one serves
     assert generations.read_switch(dep.runtime_dir) is None
+
+
+def test_status_and_metrics_say_which_generation_serves_and_that_a_switch_is_under_way(tmp_path):
+    from fcgi_toolkit import metrics, status
+    from test_metrics import NOW, RecordingRPC, info, scrape
+    dep = _dep(tmp_path, workers={"count": 2, "standby": 1})
+    os.makedirs(dep.runtime_dir)
+    two = generations.successor(dep, generations.first(dep))
+    generations.write(dep.runtime_dir, two)
+    generations.write_switch(dep.runtime_dir, 1, 2, switch.Phase.DRAINING.value, NOW - 2)
+    procs = [info("wiki_00", RUNNING, 0), info("wiki_g2_00", STOPPED, group="wiki_g2"),
+             info("wiki_g2_01", STOPPED, group="wiki_g2"), info("wiki_g2_02", STOPPED, group="wiki_g2")]
+    group = status.gather(dep, RecordingRPC(procs), now=NOW)
+    assert (group.group, group.generation) == ("wiki_g2", 2)
+    assert [w.name for w in group.workers] == ["wiki_g2_00", "wiki_g2_01", "wiki_g2_02"]
+    assert status.summary_line(group).endswith(
+        "; generation 2; generation switch in progress (1 -> 2: draining)")
+    obj = status.to_json(group)
+    assert obj["generation"] == 2 and obj["switch"] == {
+        "old": 1, "new": 2, "phase": "draining", "since": NOW - 2}
+    m = scrape(metrics.GroupCollector(dep, lambda: RecordingRPC(procs), clock=lambda: NOW))
+    assert m[("fcgi_generation", ())] == 2 and m[("fcgi_generation_switch", ())] == 1
+    generations.end_switch(dep.runtime_dir)
+    assert status.gather(dep, RecordingRPC(procs), now=NOW).switch is None

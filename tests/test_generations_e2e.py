@@ -6,12 +6,14 @@ from __future__ import annotations
 import os
 import stat
 import subprocess
+import sys
 import tempfile
+import time
 
 import psutil
 import pytest
 
-from fcgi_toolkit import render
+from fcgi_toolkit import render, settings, status, supervisord
 from harness import Cluster, free_port, nginx_available, port_open, venv_with_this_env, wait_for
 from webservers import WEB_USER, dropping_privileges
 
@@ -21,13 +23,34 @@ FAST = {"check_interval": 0.5, "ready_timeout": "15s"}
 SLOW = "/sleep?s=0.05"       # 2 workers x 1 thread: ~40 requests/s, 64 clients queue
 
 
-def _switch_under_load(c, expect: int = 0, **edits):
-    """Edit the file and apply it while 64 clients keep the 2 workers past capacity."""
+def _phases_seen(c, apply: subprocess.Popen) -> list:
+    """The switch phases ``status`` reports (read in process) while ``apply`` runs."""
+    seen: list = []
+    rpc = supervisord.control_proxy(c.dep)
+    while apply.poll() is None:
+        phase = (status.gather(settings.load(c.deploy_path), rpc).switch or {}).get("phase")
+        if phase and phase not in seen:
+            seen.append(phase)
+        time.sleep(0.02)
+    return seen
+
+
+def _switch_under_load(c, expect: int = 0, phases=None, **edits):
+    """Edit the file and apply it while 64 clients keep the 2 workers past capacity;
+    ``phases``: what status said during the switch, in order."""
     c.edit(**edits)
     load = c.load(SLOW, threads=64, duration=90).start()
     try:
         wait_for(lambda: load.total >= 64, 30, "the load to be served before apply")
-        r = c.toolkit("apply", "-c", c.deploy_path, timeout=150)
+        if phases is None:
+            r = c.toolkit("apply", "-c", c.deploy_path, timeout=150)
+        else:
+            apply = subprocess.Popen([sys.executable, "-m", "fcgi_toolkit", "apply", "-c",
+                                      c.deploy_path], stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            phases.extend(_phases_seen(c, apply))
+            out, err = apply.communicate(timeout=150)
+            r = subprocess.CompletedProcess(apply.args, apply.returncode, out, err)
         served = load.total
         wait_for(lambda: load.total >= served + 64, 30, "requests served after apply")
     finally:
@@ -149,8 +172,10 @@ def test_system_nginx_follows_a_socket_change_through_nginx_s_reload(tmp_path):
         wait_for(lambda: port_open(c.port), 20, "the system nginx")
         master_before = proc.pid
         new_path = os.path.join(c.runtime_dir, "sys2.sock")
-        r = _switch_under_load(c, workers={"socket": "unix://" + new_path})
+        phases = []
+        r = _switch_under_load(c, phases=phases, workers={"socket": "unix://" + new_path})
         assert "nginx reloaded gracefully" in r.stdout, r.stdout
+        assert phases and phases[0] == "starting", phases      # status said a switch is on
         _check_serving(c, 2)
         assert proc.pid == master_before and proc.poll() is None      # reloaded, not restarted
         assert "server unix:%s max_fails=0;" % new_path in open(
