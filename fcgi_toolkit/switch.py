@@ -200,12 +200,13 @@ class Switcher:
         self.phase(Phase.STARTING)
         try:
             self.start(files["supervisord.conf"])
-        except SwitchFailed as exc:
-            self.rollback(previous, exc)
+        except (SwitchFailed, OSError, xmlrpc.client.Error) as exc:
+            self.rollback(previous, exc if isinstance(exc, SwitchFailed) else SwitchFailed(
+                "generation %d: %s" % (new.generation_number, exc)))
         self.phase(Phase.NGINX)
         try:
             before = self.switch_nginx(files)
-        except (SwitchFailed, nginxctl.ReloadFailed, OSError) as exc:
+        except (SwitchFailed, nginxctl.ReloadFailed, OSError, xmlrpc.client.Error) as exc:
             render.write_atomic({n: t for n, t in self.render(old).items() if n in NGINX_FILES},
                                 old.runtime_dir)
             self.rollback(previous, SwitchFailed("nginx: %s" % exc))
