@@ -17,9 +17,16 @@ it (:data:`fcgi_toolkit.settings.APPLIED_BY`, :func:`plan`):
 * nginx keys: the nginx files are re-rendered atomically and the managed
   nginx is sent HUP (a graceful reload: old nginx workers finish their
   requests);
+* generation keys (rendered into the ``[fcgi-program]`` section: the
+  socket, app.python...; and a count beyond the running slots): a new
+  generation of the group next to the serving one, nginx switched to it,
+  the old one drained (:mod:`fcgi_toolkit.switch`).  The switch also takes
+  every other changed key (its workers read the file, nginx is re-rendered,
+  the watchdog re-reads).  If the new generation does not come up, nothing
+  is applied, the old one serves on, exit status 1;
 * keys that need a new supervisord are reported by name, left unapplied
   (the snapshot keeps their old value, so ``status`` keeps showing the
-  drift) and make the exit status 1.
+  drift) and make the exit status 1; generation keys then wait with them.
 
 The pure part (:func:`values`, :func:`diff`, :func:`plan`) is tested with
 plain values; :func:`apply` is the thin I/O shell.
@@ -68,10 +75,11 @@ class Plan:
     nginx: tuple[str, ...] = ()
     supervisord: tuple[str, ...] = ()
     count: tuple[str, ...] = ()
+    generation: tuple[str, ...] = ()
 
     @property
     def applicable(self) -> tuple[str, ...]:
-        return self.watchdog + self.count + self.rolling + self.nginx
+        return self.watchdog + self.count + self.rolling + self.nginx + self.generation
 
     @property
     def needs_watchdog(self) -> bool:
@@ -80,14 +88,14 @@ class Plan:
 
 def plan(changed: list[str], fits: bool = True) -> Plan:
     """Group ``changed`` keys by :func:`fcgi_toolkit.settings.applied_by`; a
-    count change that does not ``fit`` the running slots needs a new supervisord."""
+    count change that does not ``fit`` the running slots needs a new generation."""
     by: dict[Applied, list[str]] = {way: [] for way in Applied}
     for key in changed:
         way = settings.applied_by(key)
-        by[Applied.SUPERVISORD if way is Applied.COUNT and not fits else way].append(key)
+        by[Applied.GENERATION if way is Applied.COUNT and not fits else way].append(key)
     return Plan(tuple(by[Applied.WATCHDOG]), tuple(by[Applied.ROLLING]),
                 tuple(by[Applied.NGINX]), tuple(by[Applied.SUPERVISORD]),
-                tuple(by[Applied.COUNT]))
+                tuple(by[Applied.COUNT]), tuple(by[Applied.GENERATION]))
 
 
 def running_slots(running: Mapping[str, Any]) -> int:
@@ -175,6 +183,11 @@ def apply(dep: Deployment, out: Any = sys.stdout, err: Any = sys.stderr,
         print("fcgi-toolkit: %s: not applied, needs a new supervisord (stop and run again): %s"
               % (dep.path, ", ".join(todo.supervisord)), file=err)
         status = 1
+    if todo.generation and todo.supervisord:
+        print("fcgi-toolkit: %s: not applied, a new generation waits for the keys that need a "
+              "new supervisord: %s" % (dep.path, ", ".join(todo.generation)), file=err)
+    elif todo.generation:
+        return status | apply_generation(dep, running, wanted, todo, out, err, rpc)
     applied: tuple[str, ...] = ()
     if todo.nginx:
         rpc = rpc or supervisord.control_proxy(dep)
@@ -199,6 +212,36 @@ def apply(dep: Deployment, out: Any = sys.stdout, err: Any = sys.stderr,
             applied += todo.watchdog + todo.count + todo.rolling
     save(dep, after(running, wanted, applied))
     return status
+
+
+def apply_generation(dep: Deployment, running: Mapping[str, Any], wanted: Mapping[str, Any],
+                     todo: Plan, out: Any, err: Any, rpc: Optional[Any]) -> int:
+    """Every applicable key through a generation switch; 0 done, 1 not (nothing changed)."""
+    from fcgi_toolkit import supervisord, switch
+    try:
+        old, new = switch.prepare(dep)
+    except settings.ConfigError as exc:
+        print("fcgi-toolkit: not applied (%s): %s" % (", ".join(todo.generation), exc), file=err)
+        return 1
+    print("apply: generation %d -> %d (%s)" % (old.generation_number, new.generation_number,
+                                              ", ".join(todo.applicable)), file=out, flush=True)
+    try:
+        message = switch.Switcher(old, new, rpc or supervisord.control_proxy(dep), out).run()
+    except settings.ConfigError as exc:
+        print("fcgi-toolkit: %s" % exc, file=err)
+        return 2
+    except switch.SwitchFailed as exc:
+        print("fcgi-toolkit: not applied, generation %d still serves: %s"
+              % (old.generation_number, exc), file=err)
+        return 1
+    except switch.DrainFailed as exc:
+        save(dep, after(running, wanted, todo.applicable))
+        print("fcgi-toolkit: generation %d serves, but generation %d did not drain: %s"
+              % (new.generation_number, old.generation_number, exc), file=err)
+        return 1
+    print("apply: %s" % message, file=out)
+    save(dep, after(running, wanted, todo.applicable))
+    return 0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -14,7 +14,7 @@ import sys
 import time
 from typing import Any, Callable, Optional
 
-from fcgi_toolkit import settings, statefile
+from fcgi_toolkit import names, settings, statefile
 from fcgi_toolkit.names import request_wait
 
 POLL = 0.2
@@ -87,7 +87,7 @@ def not_running(dep: settings.Deployment) -> Optional[str]:
 
 
 def watchdog_log(dep: settings.Deployment) -> str:
-    return os.path.join(dep.log_dir, dep.name + "_watchdog.log")
+    return os.path.join(dep.log_dir, names.watchdog_program(dep.name) + ".log")
 
 
 def _submit(dep: settings.Deployment, request: dict, timeout: float, what: str) -> int:

@@ -283,6 +283,15 @@ def path_list(value: Any) -> list:
     return list(value)
 
 
+def command_line(value: Any) -> list:
+    """A command as a list of arguments (run without a shell, never rendered into a config)."""
+    _expect(list, value, "a list of arguments, like [\"sudo\", \"systemctl\", \"reload\", \"nginx\"]")
+    for item in value:
+        if not isinstance(item, str) or not item or any(ord(c) < 32 or ord(c) == 127 for c in item):
+            raise ValueError("expected non-empty arguments without control characters")
+    return list(value)
+
+
 def plain_text(value: Any) -> str:
     """A credential or similar value: printable, no whitespace, quotes or '%'."""
     _expect(str, value, "a string")

@@ -86,7 +86,7 @@ class Coordinator:
     def __init__(self, dep: Any, rpc: Any, sampler: Any, clock: Callable[[], float] = time.time,
                  stat: Callable[[str], os.stat_result] = os.stat,
                  spawn: Callable[..., Any] = subprocess.Popen):
-        self.gateway = Gateway(rpc, dep.name)
+        self.gateway = Gateway(rpc, dep.group)
         self.sampler = sampler
         self.clock = clock
         self.deploy_path = dep.path
@@ -130,8 +130,10 @@ class Coordinator:
         running supervisord's slots (the next passes start or stop workers);
         otherwise they stay.  Every worker life draws its per-life limits
         again, so a lowered limit recycles at once."""
-        from fcgi_toolkit import settings
-        dep = settings.load(self.deploy_path)
+        from fcgi_toolkit import generations
+        dep = generations.load(self.deploy_path)
+        if dep.group != self.gateway.group:
+            self.follow(dep)
         old, self.limits = self.limits, Limits.from_deployment(dep)
         if not dep.fits(len(self.slot_names)):
             self.limits = replace(self.limits, count=old.count, standby=old.standby)
@@ -144,6 +146,27 @@ class Coordinator:
         self.watch = FileWatch(dep.recycle.watch, dep.recycle.debounce, self.watch.stat)
         log.info("deployment file re-read: %s", self.limits)
         return "watchdog re-read %s" % dep.path
+
+    def follow(self, dep: Any) -> None:
+        """Manage the serving generation's group from now on (a generation
+        switch made it serve): its slots and its scoreboard.  The old group
+        is the switch's to drain; recycles of its slots are dropped.  Each
+        slot's recycle counts move to the new slot of the same index, so the
+        operator's view (status, the metrics' counters) goes on."""
+        from fcgi_toolkit.scoreboard import Scoreboard
+        log.info("generation %d serves (group %s): the watchdog follows it",
+                 dep.generation_number, dep.group)
+        self.gateway = Gateway(self.gateway.rpc, dep.group)
+        for old, new in zip(self.slot_names, dep.slot_names()):
+            h = self.state.slot(old)
+            self.state.update_slot(new, recycles=h.recycles, last_reason=h.last_reason,
+                                   last_time=h.last_time, by_reason=dict(h.by_reason))
+            self.state.slots.pop(old, None)
+        self.slot_names = dep.slot_names()
+        self.sampler.follow(dep.group, self.slot_names, Scoreboard(dep.scoreboard_path, dep.slots))
+        self.state.recycle.clear()
+        self.state.reload = None
+        self.last_snapshot = None
 
     # -- for the listener ----------------------------------------------------
     def busy(self) -> bool:

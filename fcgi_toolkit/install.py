@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from typing import Mapping, Optional
 
 from fcgi_toolkit import render, settings, supervisorconf, webuser
+from fcgi_toolkit.names import watchdog_program
 from fcgi_toolkit.settings import ConfigError, Deployment
 
 SYSTEMD_DIR = "/etc/systemd/system"
@@ -134,7 +135,7 @@ def unit_name(dep: Deployment) -> str:
 
 def group_names(dep: Deployment) -> list[str]:
     """The supervisord groups of the deployment (what `supervisorctl update` adds)."""
-    names = [dep.name, dep.name + "_watchdog"]
+    names = [dep.name, watchdog_program(dep.name)]
     if dep.metrics.listen:
         names.append(dep.name + "_metrics")
     return names

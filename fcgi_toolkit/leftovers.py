@@ -300,6 +300,13 @@ def _check_tcp(dep: Deployment, key: str, value: str, address: str) -> None:
 
 def check_addresses(dep: Deployment) -> None:
     """Raise ConfigError (one line) if an address the deployment binds is held by another program."""
+    check_socket(dep)
+    if dep.nginx.managed and not dep.multi_host:
+        _check_tcp(dep, "nginx.listen", dep.nginx.listen, dep.nginx.listen)
+
+
+def check_socket(dep: Deployment) -> None:
+    """Raise ConfigError (one line) if the worker socket is held by another program."""
     if dep.socket_is_unix:
         path = dep.socket_path
         if os.path.lexists(path):
@@ -315,15 +322,14 @@ def check_addresses(dep: Deployment) -> None:
                                   % (dep.path, dep.socket_url, path, holder))
     else:
         _check_tcp(dep, "workers.socket", dep.socket_url, dep.socket_url[len("tcp://"):])
-    if dep.nginx.managed and not dep.multi_host:
-        _check_tcp(dep, "nginx.listen", dep.nginx.listen, dep.nginx.listen)
 
 
 def clear_for_start(dep: Deployment, stream: TextIO = sys.stderr) -> Optional[Remains]:
     """Before a new supervisord: end a previous life's processes (saying so
     in one line), then check the addresses (ConfigError naming a foreign
     holder).  Call it when the control socket does not answer."""
-    remains = find(dep)
+    from fcgi_toolkit import generations
+    remains = find(generations.serving(dep))     # the last life's group may be a later generation
     if not remains.empty:
         _end_saying(dep, remains, stream)
     check_addresses(dep)
@@ -379,9 +385,9 @@ def _wait_gone(pid: Optional[int], dep: Deployment, timeout: float) -> bool:
 
 def run_stop(args: argparse.Namespace) -> int:
     """Stop a deployment: supervisord's graceful shutdown, then what is left."""
-    from fcgi_toolkit import supervisord
+    from fcgi_toolkit import generations, supervisord
 
-    dep = settings.load(args.config)
+    dep = generations.load(args.config)     # leftovers of the serving generation's workers
     timeout = args.timeout if args.timeout is not None else shutdown_bound(dep)
     stopped = False
     if answers(dep.control_socket):

@@ -132,7 +132,7 @@ def _set_stopping(listener: Listener) -> Callable[[int, Any], None]:
 
 def run(args: argparse.Namespace) -> int:
     # Imported here: these pull in psutil; the CLI stays light for other commands.
-    from fcgi_toolkit import lifeline, settings, supervisord
+    from fcgi_toolkit import generations, lifeline, supervisord
     from fcgi_toolkit.coordinator import Coordinator
     from fcgi_toolkit.policy import Limits
     from fcgi_toolkit.sampler import Sampler
@@ -140,13 +140,13 @@ def run(args: argparse.Namespace) -> int:
 
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    dep = settings.load(args.config)
+    dep = generations.load(args.config)    # a restarted watchdog follows the serving generation
     if "SUPERVISOR_SERVER_URL" not in os.environ:
         log.error("SUPERVISOR_SERVER_URL is not set: the listener runs under supervisord only")
         return 2
     rpc = supervisord.listener_proxy(os.environ)
     board = Scoreboard(dep.scoreboard_path, dep.slots)
-    sampler = Sampler(dep.name, dep.slot_names(), board, Limits.from_deployment(dep))
+    sampler = Sampler(dep.group, dep.slot_names(), board, Limits.from_deployment(dep))
     coordinator = Coordinator(dep, rpc, sampler)
     listener = Listener(coordinator, EventStream(sys.stdin.buffer), sys.stdout)
     signal.signal(signal.SIGTERM, _set_stopping(listener))

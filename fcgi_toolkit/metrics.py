@@ -79,6 +79,13 @@ class GroupCollector:
         ready = GaugeMetricFamily("fcgi_workers_ready", "Workers accepting requests now")
         ready.add_metric([], group.ready)
         yield ready
+        generation = GaugeMetricFamily("fcgi_generation", "The serving generation of the group")
+        generation.add_metric([], group.generation)
+        yield generation
+        switching = GaugeMetricFamily("fcgi_generation_switch",
+                                      "1 while a generation switch is under way")
+        switching.add_metric([], 1 if group.switch else 0)
+        yield switching
 
         worker_ready = GaugeMetricFamily("fcgi_worker_ready",
                                          "1 if the worker accepts requests now", labels=["worker"])

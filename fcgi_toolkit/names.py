@@ -37,6 +37,11 @@ def nginx_program(group: str) -> str:
     return "%s_nginx" % group
 
 
+def watchdog_program(name: str) -> str:
+    """The watchdog listener's supervisord name: ``watchdog_program("wiki") == "wiki_watchdog"``."""
+    return "%s_watchdog" % name
+
+
 # --------------------------------------------------------------------------
 # Capacity: which supervisord states count
 # --------------------------------------------------------------------------

@@ -412,6 +412,10 @@ def run(args: argparse.Namespace) -> int:
     # Without --host, FCGI_TOOLKIT_HOST (if set) selects the host, as for
     # every other command.
     dep = settings.load(args.config, host=args.host)
+    if not dep.multi_host:
+        # A running deployment's files name the group that serves (README "Generations").
+        from fcgi_toolkit import generations
+        dep = generations.serving(dep)
     for path in render(dep, args.output):
         print(path)
     return 0

@@ -32,7 +32,7 @@ import sys
 import tempfile
 from typing import Optional, TextIO
 
-from fcgi_toolkit import applying, leftovers, render, settings
+from fcgi_toolkit import applying, generations, leftovers, render, settings
 from fcgi_toolkit.settings import ConfigError, Deployment
 
 _FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -52,6 +52,7 @@ def prepare(dep: Deployment, host: Optional[render.Host] = None) -> list[str]:
     scoreboard.create(dep.scoreboard_path, dep.slots)
     written = render.write_rendered(dep, files, dep.runtime_dir)
     applying.save(dep, applying.values(dep))    # what this run applies: `apply` diffs against it
+    generations.reset(dep)                      # a fresh supervisord serves generation 1
     return written
 
 
@@ -166,11 +167,12 @@ def supervise(dep: Deployment, stream: TextIO = sys.stderr) -> int:
 
 
 def _remove_stale_socket(dep: Deployment) -> None:
-    if dep.socket_is_unix:
-        try:
-            os.unlink(dep.socket_path)
-        except FileNotFoundError:
-            pass
+    for view in (dep, generations.serving(dep)):
+        if view.socket_is_unix:
+            try:
+                os.unlink(view.socket_path)
+            except FileNotFoundError:
+                pass
 
 
 def add_arguments_run(parser: argparse.ArgumentParser) -> None:

@@ -50,6 +50,12 @@ class Sampler:
         self.lives: dict[tuple[int, float], tuple[int, float]] = {}
         self._procs: dict[int, Any] = {}
 
+    def follow(self, group: str, slot_names: list[str], scoreboard: Any) -> None:
+        """Sample another group (the serving generation's) from now on."""
+        if self.scoreboard is not None:
+            self.scoreboard.close()
+        self.group, self.slot_names, self.scoreboard = group, list(slot_names), scoreboard
+
     # -- per-life helpers --------------------------------------------------
     def _process(self, pid: int) -> tuple[Optional[Any], Optional[float]]:
         proc = self._procs.get(pid)
@@ -128,7 +134,7 @@ def snapshot(dep: Any, rpc: Any, rng: Optional[random.Random] = None) -> Snapsho
     """
     board = Scoreboard(dep.scoreboard_path, dep.slots)
     try:
-        sampler = Sampler(dep.name, dep.slot_names(), board, Limits.from_deployment(dep), rng)
+        sampler = Sampler(dep.group, dep.slot_names(), board, Limits.from_deployment(dep), rng)
         return sampler.sample(rpc.supervisor.getAllProcessInfo())
     finally:
         board.close()

@@ -44,6 +44,7 @@ from fcgi_toolkit.converters import (
     url_prefix,
     static_map,
     path_list,
+    command_line,
     plain_text,
     ip_list,
     host_address,
@@ -172,6 +173,10 @@ REGISTRY: tuple[Setting, ...] = (
             "(FCGI_WEB_SERVER_ADDRS); required with [[hosts]]; empty: any peer.", ["10.0.0.5"]),
     Setting("nginx", "binary", optional_path, "",
             "nginx executable for a managed nginx; empty: found on PATH."),
+    Setting("nginx", "reload", command_line, [],
+            "Command `apply` runs to reload a system nginx (nginx.managed = false) gracefully after a "
+            "generation switch re-rendered its site file; empty: <nginx> -s reload.",
+            ["sudo", "systemctl", "reload", "nginx"]),
     # [web]
     Setting("web", "server", web_server, "nginx",
             'Web server the site file is rendered for: "nginx" (nginx-site.conf, and nginx.conf for a managed '
@@ -213,12 +218,15 @@ class Applied(enum.Enum):
     COUNT = "count change"                  # within workers.max_slots: the watchdog
                                             # starts or stops slots; beyond: new supervisord
     NGINX = "nginx graceful reload"         # nginx files re-rendered, HUP to nginx
+    GENERATION = "new generation"           # rendered into [fcgi-program]: a new group in the
+                                            # same supervisord, nginx switched to it
     SUPERVISORD = "needs a new supervisord"  # rendered into supervisord.conf itself
 
 
 #: The one table of how each key is applied (README's settings table shows
 #: it).  workers.count and workers.standby change live while their sum stays
-#: within the running supervisord's slots (workers.max_slots).
+#: within the running group's slots (workers.max_slots); beyond, with a new
+#: generation.
 APPLIED_BY: Mapping[str, Applied] = MappingProxyType({
     **{key: Applied.WATCHDOG for key in (
         "limits.max_rss", "limits.max_rss_hard", "limits.max_requests", "limits.max_requests_jitter", "limits.max_age",
@@ -232,11 +240,13 @@ APPLIED_BY: Mapping[str, Applied] = MappingProxyType({
     **{key: Applied.NGINX for key in (
         "nginx.listen", "nginx.server_name", "nginx.location", "nginx.static",
         "nginx.keepalive", "nginx.connect_timeout", "nginx.read_timeout",
-        "nginx.client_max_body_size")},
+        "nginx.client_max_body_size", "nginx.reload")},
+    **{key: Applied.GENERATION for key in (
+        "app.directory", "app.python", "workers.max_slots", "workers.socket",
+        "workers.socket_mode", "workers.socket_owner", "workers.user",
+        "workers.graceful_timeout", "nginx.web_servers")},
     **{key: Applied.SUPERVISORD for key in (
-        "app.name", "app.directory", "app.python", "workers.max_slots", "workers.socket", "workers.socket_mode", "workers.socket_owner", "workers.user",
-        "workers.graceful_timeout", "nginx.managed", "nginx.web_servers", "nginx.binary",
-        "runtime.dir", "runtime.log_dir", "runtime.templates", "metrics.listen",
+        "app.name", "nginx.managed", "nginx.binary", "runtime.dir", "runtime.log_dir", "runtime.templates", "metrics.listen",
         "control.inet_port", "control.username", "control.password",
         "control.system_supervisord", "web.server", "hosts")},
 })
@@ -335,6 +345,10 @@ class Deployment:
     sections: Mapping[str, Section] = field(repr=False)
     hosts: tuple = ()                       # tuple[HostSpec, ...]
     host: Optional[HostSpec] = None         # the selected host (host view)
+    #: The worker group's generation (fcgi_toolkit.generations.Generation);
+    #: None: generation 1 as the file gives it.  Group, socket, scoreboard
+    #: and slots follow it.
+    generation: Any = None
 
     def __getattr__(self, item: str) -> Section:
         try:
@@ -352,9 +366,20 @@ class Deployment:
         return self.app.name
 
     @property
+    def group(self) -> str:
+        """The worker group's supervisord name (the generation's; app.name for generation 1)."""
+        return self.generation.group if self.generation is not None else self.app.name
+
+    @property
+    def generation_number(self) -> int:
+        return self.generation.number if self.generation is not None else 1
+
+    @property
     def slots(self) -> int:
         """Number of process slots (supervisord's numprocs): workers.max_slots,
-        at least serving workers plus standby slots."""
+        at least serving workers plus standby slots (the generation's)."""
+        if self.generation is not None:
+            return self.generation.slots
         return slot_total(self.workers.count, self.workers.standby, self.workers.max_slots)
 
     @property
@@ -368,7 +393,7 @@ class Deployment:
         return self.used_slots <= slots
 
     def slot_names(self) -> list[str]:
-        return names.slot_names(self.name, self.slots)
+        return names.slot_names(self.group, self.slots)
 
     @property
     def runtime_dir(self) -> str:
@@ -380,6 +405,8 @@ class Deployment:
 
     @property
     def scoreboard_path(self) -> str:
+        if self.generation is not None:
+            return self.generation.scoreboard_path
         return os.path.join(self.runtime_dir, "scoreboard")
 
     @property
@@ -400,16 +427,19 @@ class Deployment:
 
     @property
     def socket_url(self) -> str:
+        """The worker group's socket: workers.socket, or the generation's own."""
+        if self.generation is not None:
+            return self.generation.socket_url
         return self.workers.socket
 
     @property
     def socket_is_unix(self) -> bool:
-        return self.workers.socket.startswith("unix://")
+        return self.socket_url.startswith("unix://")
 
     @property
     def socket_path(self) -> str:
         """Filesystem path of a unix socket ("" for TCP)."""
-        return self.workers.socket[len("unix://"):] if self.socket_is_unix else ""
+        return self.socket_url[len("unix://"):] if self.socket_is_unix else ""
 
     @property
     def python(self) -> str:
@@ -439,6 +469,8 @@ class Deployment:
             slots=self.slots,
             slot_names=self.slot_names(),
             slot_process_name=names.SUPERVISOR_SLOT_NAME,
+            group=self.group,
+            generation=self.generation_number,
             nginx_program=names.nginx_program(self.name),
             runtime_dir=self.runtime_dir,
             log_dir=self.log_dir,

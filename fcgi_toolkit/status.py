@@ -14,7 +14,7 @@ thin I/O shell (RPC, the watchdog's sampler, state file) shared by the
 
 ``status --json`` prints this object (stable; new keys may be added)::
 
-    {"group": "wiki",            # app.name
+    {"group": "wiki",            # the serving generation's group: app.name, or wiki_g2...
      "count": 2,                 # workers.count
      "standby": 1,               # workers.standby (configured standby slots)
      "ready": 2,                 # workers accepting requests now
@@ -22,6 +22,9 @@ thin I/O shell (RPC, the watchdog's sampler, state file) shared by the
      "generated_at": 1767225600.0,
      "drift": ["limits.max_requests"],   # keys the file changed since run/apply
                                          # ([] none; null unknown: no snapshot)
+     "generation": 1,            # the serving generation (README "Generations")
+     "switch": null,             # a switch under way: {"old": 1, "new": 2,
+                                 #   "phase": "starting", "since": 1767225600.0}
      "workers": [
        {"name": "wiki_00",
         "state": "busy",         # see STATES

@@ -14,7 +14,7 @@ from __future__ import annotations
 import errno
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
 
 from supervisor.states import ProcessStates, getProcessStateDescription
@@ -118,6 +118,8 @@ class GroupStatus:
     recycle: Optional[Mapping[str, Any]] = None   # in-progress recycle from the state file
     reload: Optional[Mapping[str, Any]] = None    # in-progress reload from the state file
     drift: Optional[tuple[str, ...]] = None       # keys the file changed since run/apply; None: unknown
+    generation: int = 1                           # the serving generation (README "Generations")
+    switch: Optional[Mapping[str, Any]] = None    # a generation switch under way: old, new, phase, since
 
     @property
     def ready(self) -> int:
@@ -248,8 +250,12 @@ def gather(dep: "Deployment", rpc: Any, now: Optional[float] = None,
     deployment's control socket).
     Raises :class:`SupervisorUnavailable` when supervisord does not answer.
     """
+    from fcgi_toolkit import generations
     from fcgi_toolkit.policy import Limits
     from fcgi_toolkit.sampler import Sampler
+    if dep.generation is None:
+        dep = generations.serving(dep)
+    switch = generations.read_switch(dep.runtime_dir)
     try:
         infos = rpc.getAllProcessInfo()
     except OSError as exc:
@@ -258,7 +264,7 @@ def gather(dep: "Deployment", rpc: Any, now: Optional[float] = None,
     board = Scoreboard(dep.scoreboard_path, dep.slots)
     try:
         kwargs = {"process_factory": process_factory} if process_factory else {}
-        sampler = Sampler(dep.name, dep.slot_names(), board, Limits.from_deployment(dep),
+        sampler = Sampler(dep.group, dep.slot_names(), board, Limits.from_deployment(dep),
                           clock=lambda: now, **kwargs)
         snap = sampler.sample(infos)
     finally:
@@ -269,10 +275,12 @@ def gather(dep: "Deployment", rpc: Any, now: Optional[float] = None,
     listed = {s.name: s for s in snap.slots}
     shown = [name for i, name in enumerate(dep.slot_names())
              if i < dep.used_slots or (name in listed and not listed[name].startable)]
-    return replace(group_status(dep.name, dep.workers.count, dep.workers.standby,
+    return replace(group_status(dep.group, dep.workers.count, dep.workers.standby,
                                 shown, snap.slots,
                                 statefile.read_state(dep.state_path), now),
-                   drift=None if keys is None else tuple(keys))
+                   drift=None if keys is None else tuple(keys),
+                   generation=dep.generation_number,
+                   switch=None if switch is None else asdict(switch))
 
 
 def _unavailable_reason(dep: "Deployment", exc: OSError, server_url: Optional[str]) -> str:

@@ -24,6 +24,11 @@ def summary_line(status: GroupStatus) -> str:
             format_duration(status.generated_at - (last.last_recycle_time or 0.0)),
             last.name, last.last_reason or "")
     line = ", ".join(parts)
+    if status.generation > 1:
+        line += "; generation %d" % status.generation
+    if status.switch:
+        line += "; generation switch in progress (%s -> %s: %s)" % (
+            status.switch.get("old"), status.switch.get("new"), status.switch.get("phase"))
     if status.reload:
         line += "; reload in progress"
     elif status.recycle:
@@ -74,6 +79,8 @@ def to_json(status: GroupStatus) -> dict:
         "recycles": status.recycles,
         "generated_at": status.generated_at,
         "drift": None if status.drift is None else list(status.drift),
+        "generation": status.generation,
+        "switch": None if status.switch is None else dict(status.switch),
         "workers": [worker_json(w) for w in status.workers],
     }
 

@@ -50,6 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the deployment file (deploy.toml)")
     parser.add_argument("--slot", type=int, required=True,
                         help="this worker's slot number (supervisord's process_num)")
+    parser.add_argument("--generation", type=int, default=1,
+                        help="the group's generation (README \"Generations\"; default: 1)")
 
 
 def configure_logging(slot_name: str) -> None:
@@ -107,12 +109,14 @@ def _open_slot(dep, slot: int):
 
 
 def run(args: argparse.Namespace) -> int:
-    dep = settings.load(args.config)   # ConfigError: cli prints it, exit 2
+    from fcgi_toolkit import generations
+    # ConfigError: cli prints it, exit 2.  The generation names our scoreboard.
+    dep = generations.for_worker(settings.load(args.config), args.generation)
     if not 0 <= args.slot < dep.slots:
         print("fcgi-toolkit worker: --slot %d outside 0..%d" % (args.slot, dep.slots - 1),
               file=sys.stderr)
         return EXIT_CONFIG
-    configure_logging(slot_name(dep.app.name, args.slot))
+    configure_logging(slot_name(dep.group, args.slot))
     faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
     # A stop signal during the app import must not kill us mid-way: remember it.
     early_stop: list = []

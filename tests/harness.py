@@ -104,6 +104,29 @@ def toml_dumps(data: Mapping[str, Mapping[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def venv_with_this_env(env_dir: str, before_pth: Callable[[str], None] = lambda python: None) -> str:
+    """A new venv in ``env_dir`` that imports the running interpreter's packages; its python.
+
+    No --system-site-packages: inside tox, sys.executable is a venv, and a
+    venv made from it sees the *base* interpreter's packages, which on a
+    fresh machine hold none of our dependencies.  The new venv gets the
+    running interpreter's own site-packages (where tox installed the
+    dependencies) explicitly, through a .pth file: those directories come
+    after the venv's own site-packages on sys.path.  ``before_pth(python)``
+    runs before the .pth exists (pip would otherwise find tox's copies
+    "already installed")."""
+    import site
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", env_dir], check=True,
+                   stdin=subprocess.DEVNULL, capture_output=True, timeout=120)
+    python = os.path.join(env_dir, "bin", "python")
+    before_pth(python)
+    own = subprocess.run([python, "-c", "import site; print(site.getsitepackages()[0])"],
+                         check=True, capture_output=True, text=True, timeout=60).stdout.strip()
+    with open(os.path.join(own, "_test_deps.pth"), "w", encoding="utf-8") as f:
+        f.write("\n".join(site.getsitepackages()) + "\n")
+    return python
+
+
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
     """Poll ``predicate`` until it returns a true value; raise TimeoutError naming ``what``."""
     deadline = time.monotonic() + timeout
@@ -403,7 +426,26 @@ class Cluster:
             transport=SupervisorTransport(None, None, "unix://" + self.dep.control_socket))
 
     def _infos(self) -> dict[str, dict]:
-        return {i["name"]: i for i in self.rpc.supervisor.getAllProcessInfo() if i["group"] == self.name}
+        return {i["name"]: i for i in self.rpc.supervisor.getAllProcessInfo()
+                if i["group"] == self.dep.group}
+
+    def edit(self, **sections: Mapping[str, Any]) -> None:
+        """Change the deployment file (section -> keys to set), as an operator would."""
+        for section, table in sections.items():
+            self.config.setdefault(section, {}).update(table)
+        with open(self.deploy_path, "w", encoding="utf-8") as f:
+            f.write(toml_dumps(self.config))
+
+    def status_json(self) -> dict:
+        """``fcgi-toolkit status --json``'s object."""
+        r = self.toolkit("status", "-c", self.deploy_path, "--json", timeout=30)
+        assert r.returncode == 0, r.stdout + r.stderr
+        return json.loads(r.stdout)
+
+    def follow_generation(self) -> None:
+        """Look at the serving generation's group from now on (after ``apply`` switched it)."""
+        from fcgi_toolkit import generations
+        self.dep = generations.load(self.deploy_path)
 
     def process_info(self) -> dict[str, dict]:
         """{slot name: supervisord process info} for the worker group."""

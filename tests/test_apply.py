@@ -51,10 +51,12 @@ def test_plan_groups_keys_by_how_they_take_effect():
     assert p.watchdog == ("limits.max_requests", "recycle.check_interval")
     assert p.rolling == ("workers.threads",)
     assert p.nginx == ("nginx.read_timeout",)
-    assert p.supervisord == ("workers.socket",) and p.count == ("workers.count",)
+    assert p.generation == ("workers.socket",) and p.count == ("workers.count",)
+    assert not p.supervisord and "workers.socket" in p.applicable
     assert p.needs_watchdog and not applying.plan(["nginx.listen"]).needs_watchdog
     beyond = applying.plan(["workers.count", "workers.standby"], fits=False)
-    assert beyond.supervisord == ("workers.count", "workers.standby") and not beyond.count
+    assert beyond.generation == ("workers.count", "workers.standby") and not beyond.count
+    assert applying.plan(["metrics.listen"]).supervisord == ("metrics.listen",)
 
 
 def test_spare_slots_fit_a_larger_count_and_only_count_plus_standby_are_used(tmp_path):
@@ -79,12 +81,15 @@ def test_a_key_needing_a_new_supervisord_is_reported_not_applied(tmp_path):
     os.makedirs(dep.runtime_dir)
     applying.save(dep, applying.values(dep))
     before = applying.load(dep)
-    dep = _dep(tmp_path, workers={"socket": "tcp://127.0.0.1:9999", "count": 3})
-    assert applying.drift(dep) == ["workers.count", "workers.socket"]   # 3 + 1 > 3 slots
+    dep = _dep(tmp_path, workers={"socket": "tcp://127.0.0.1:9999", "count": 3},
+               metrics={"listen": "127.0.0.1:9998"})
+    assert applying.drift(dep) == ["workers.count", "workers.socket", "metrics.listen"]
     out, err = io.StringIO(), io.StringIO()
     assert applying.apply(dep, out, err) == 1
-    assert "needs a new supervisord" in err.getvalue()
-    assert "workers.count, workers.socket" in err.getvalue()
+    assert "needs a new supervisord (stop and run again): metrics.listen" in err.getvalue()
+    # 3 + 1 > 3 slots and the socket: a generation, which waits for the supervisord key.
+    assert ("a new generation waits for the keys that need a new supervisord: "
+            "workers.count, workers.socket") in err.getvalue()
     assert applying.load(dep) == before   # still drifting: status keeps saying so
 
 
@@ -145,7 +150,7 @@ def test_apply_request_swaps_the_coordinators_and_the_samplers_limits(tmp_path):
     pids = dict(w.sup.running())
     data["limits"] = {"max_requests": 7}
     data["recycle"]["max_concurrent"] = 2
-    data["workers"]["count"] = 3            # needs a new supervisord: the watchdog keeps 2
+    data["workers"]["count"] = 3            # beyond the slots (a generation): the watchdog keeps 2
     (tmp_path / "deploy.toml").write_text(toml_dumps(data))
     rid = statefile.enqueue(w.dep.runtime_dir, {"op": "apply", "rolling": False})
     w.passes(1)

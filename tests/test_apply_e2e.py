@@ -2,7 +2,6 @@
 64 connections on 2 single-thread workers of a slow endpoint, zero failed requests."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -10,25 +9,12 @@ import sys
 
 import pytest
 
-from harness import Cluster, toml_dumps, wait_for
+from harness import Cluster, free_port, wait_for
 
 pytestmark = pytest.mark.integration
 
 FAST = {"check_interval": 0.5, "ready_timeout": "15s"}
 SLOW = "/sleep?s=0.05"       # 2 workers x 1 thread: ~40 requests/s, 64 clients queue
-
-
-def _edit(c, **sections):
-    for section, table in sections.items():
-        c.config.setdefault(section, {}).update(table)
-    with open(c.deploy_path, "w", encoding="utf-8") as f:
-        f.write(toml_dumps(c.config))
-
-
-def _drift(c):
-    r = c.toolkit("status", "-c", c.deploy_path, "--json", timeout=30)
-    assert r.returncode == 0, r.stdout + r.stderr
-    return json.loads(r.stdout)
 
 
 def _threads_of_ready_workers(c):
@@ -43,14 +29,14 @@ def _threads_of_ready_workers(c):
 def test_apply_under_load_limits_threads_and_nginx_with_zero_failures(cluster):
     c = cluster("core_app:application", name="ap", recycle=dict(FAST),
                 workers={"threads": 1})
-    assert _drift(c)["drift"] == []
+    assert c.status_json()["drift"] == []
     # nginx was started only once a worker accepted: no 502 at a fresh start.
     log = c.supervisord_log()
     assert log.index("spawned: 'ap_nginx'") > log.index("success: ap_0"), log
     nginx_pid = c.rpc.supervisor.getProcessInfo("ap_nginx")["pid"]
-    _edit(c, limits={"max_requests": 40}, workers={"threads": 2},
+    c.edit(limits={"max_requests": 40}, workers={"threads": 2},
           nginx={"read_timeout": "45s"}, recycle={"flap_window": "1s"})
-    before = _drift(c)
+    before = c.status_json()
     assert set(before["drift"]) == {"limits.max_requests", "workers.threads",
                                     "nginx.read_timeout", "recycle.flap_window"}
     r = c.toolkit("status", "-c", c.deploy_path, timeout=30)
@@ -68,7 +54,7 @@ def test_apply_under_load_limits_threads_and_nginx_with_zero_failures(cluster):
         load.join()
     assert load.failed == 0, load.summary()
     assert "nginx reloaded gracefully" in r.stdout and "reloaded 2 workers" in r.stdout
-    after = _drift(c)
+    after = c.status_json()
     assert after["drift"] == []
     c.wait_ready(2, timeout=30)
     assert set(_threads_of_ready_workers(c).values()) == {"2 thread(s)"}
@@ -79,10 +65,11 @@ def test_apply_under_load_limits_threads_and_nginx_with_zero_failures(cluster):
     assert statuses[502] == 0 and statuses[504] == 0, statuses
 
     # A key that needs a new supervisord is reported by name, not skipped.
-    _edit(c, workers={"socket_mode": "0600"})
+    c.edit(control={"inet_port": "127.0.0.1:%d" % free_port(), "username": "u", "password": "p"})
     r = c.toolkit("apply", "-c", c.deploy_path, timeout=60)
-    assert r.returncode == 1 and "workers.socket_mode" in r.stderr, r.stdout + r.stderr
-    assert _drift(c)["drift"] == ["workers.socket_mode"]
+    assert r.returncode == 1 and "control.inet_port" in r.stderr, r.stdout + r.stderr
+    assert c.status_json()["drift"] == ["control.inet_port", "control.username",
+                                        "control.password"]
 
 
 def test_watched_deployment_file_is_applied_when_it_changes_zero_failures(cluster):
@@ -125,13 +112,13 @@ def test_sighup_to_run_applies_the_edit_with_zero_failures_and_term_still_stops(
     try:
         wait_for(c._rpc_up, 30, "supervisord started by run")
         c.wait_ready(2, timeout=60)
-        _edit(c, workers={"threads": 3})
-        assert _drift(c)["drift"] == ["workers.threads"]
+        c.edit(workers={"threads": 3})
+        assert c.status_json()["drift"] == ["workers.threads"]
         load = c.load(SLOW, threads=64, duration=60).start()
         try:
             wait_for(lambda: load.total >= 64, 20, "the load to be served before the HUP")
             c.proc.send_signal(signal.SIGHUP)
-            wait_for(lambda: _drift(c)["drift"] == [], 90, "the HUP's apply")
+            wait_for(lambda: c.status_json()["drift"] == [], 90, "the HUP's apply")
         finally:
             load.stop()
             load.join()
@@ -156,32 +143,34 @@ def test_count_2_3_2_and_standby_1_2_without_a_group_restart_zero_failures(clust
     load = c.load(SLOW, threads=64, duration=90).start()
     try:
         wait_for(lambda: load.total >= 64, 20, "the load to be served before apply")
-        _edit(c, workers={"count": 3})
-        assert _drift(c)["drift"] == ["workers.count"]
+        c.edit(workers={"count": 3})
+        assert c.status_json()["drift"] == ["workers.count"]
         r = c.toolkit("apply", "-c", c.deploy_path, timeout=60)
         assert r.returncode == 0, r.stdout + r.stderr
         c.wait_ready(3, timeout=30)
-        _edit(c, workers={"count": 2})
+        c.edit(workers={"count": 2})
         r = c.toolkit("apply", "-c", c.deploy_path, timeout=60)
         assert r.returncode == 0, r.stdout + r.stderr
         wait_for(lambda: len(_active(c)) == 2, 30, "count back to 2")
-        _edit(c, workers={"standby": 2})
+        c.edit(workers={"standby": 2})
         r = c.toolkit("apply", "-c", c.deploy_path, timeout=60)
         assert r.returncode == 0, r.stdout + r.stderr
-        wait_for(lambda: [w["state"] for w in _drift(c)["workers"]].count("standby") == 2, 20,
+        wait_for(lambda: [w["state"] for w in c.status_json()["workers"]].count("standby") == 2, 20,
                  "two standby slots")
     finally:
         load.stop()
         load.join()
     assert load.failed == 0, load.summary()
-    after = _drift(c)
+    after = c.status_json()
     assert after["drift"] == [] and (after["count"], after["standby"]) == (2, 2)
     assert len(c.ready_workers()) == 2 and len(after["workers"]) == 4   # slot 04 spare: hidden
     assert "Creating socket" not in c.supervisord_log().split("spawned: 'cnt_01'", 1)[1]
     statuses = c.access_log_statuses()
     assert statuses[502] == 0 and statuses[504] == 0, statuses
-    # Beyond workers.max_slots a count change needs a new supervisord: reported.
-    _edit(c, workers={"count": 4})
-    r = c.toolkit("apply", "-c", c.deploy_path, timeout=60)
-    assert r.returncode == 1 and "workers.count" in r.stderr, r.stdout + r.stderr
-    assert len(_active(c)) == 2
+    # Beyond workers.max_slots a count change takes a new generation (6 slots).
+    c.edit(workers={"count": 4})
+    r = c.toolkit("apply", "-c", c.deploy_path, timeout=120)
+    assert r.returncode == 0 and "generation 1 -> 2" in r.stdout, r.stdout + r.stderr
+    c.follow_generation()
+    assert c.dep.group == "cnt_g2" and len(c.process_info()) == 6
+    wait_for(lambda: len(_active(c)) == 4, 30, "four workers of generation 2")

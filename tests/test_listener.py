@@ -170,6 +170,9 @@ class FakeBoard:
     def read(self, index):
         return self.sup.board.get(index)
 
+    def close(self):
+        pass
+
 
 class FakeProcess:
     def __init__(self, sup, pid):

@@ -217,8 +217,9 @@ def test_summary_and_json_name_the_keys_that_drifted():
 def test_to_json_is_the_documented_object():
     obj = json.loads(json.dumps(to_json(_sample_status())))
     assert set(obj) == {"group", "count", "standby", "ready", "recycles", "workers",
-                        "generated_at", "drift"}
+                        "generated_at", "drift", "generation", "switch"}
     assert obj["drift"] is None      # no applied snapshot: unknown
+    assert (obj["generation"], obj["switch"]) == (1, None)
     assert (obj["group"], obj["count"], obj["standby"], obj["ready"]) == ("wiki", 2, 1, 2)
     w0, _, w2 = obj["workers"]
     assert set(w0) == {"name", "state", "supervisor_state", "pid", "rss_bytes", "requests",

@@ -5,7 +5,6 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-import site
 import subprocess
 import sys
 import zipfile
@@ -13,6 +12,7 @@ import zipfile
 import pytest
 
 from fcgi_toolkit import render
+from harness import venv_with_this_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOURCES = ("fcgi_toolkit", "templates", "setup.cfg", "pyproject.toml", "README.rst")
@@ -40,22 +40,11 @@ def venv(tmp_path_factory):
     run([sys.executable, "-m", "build", "--wheel", "--outdir", str(dist), str(src)])
     (wheel,) = glob.glob(str(dist / "*.whl"))
     env_dir = base / "venv"
-    # No --system-site-packages: inside tox, sys.executable is a venv, and a
-    # venv made from it sees the *base* interpreter's packages, which on a
-    # fresh machine hold none of our dependencies.  The new venv gets the
-    # running interpreter's own site-packages (where tox installed the
-    # dependencies) explicitly, through a .pth file: those directories come
-    # after the venv's own site-packages on sys.path, so the wheel installed
-    # below is what `import fcgi_toolkit` finds.
-    run([sys.executable, "-m", "venv", "--without-pip", str(env_dir)])
-    python = str(env_dir / "bin" / "python")
-    # pip from the running interpreter installs into the new venv's prefix;
-    # before the .pth exists, or pip would find tox's copy "already installed".
-    run([sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "--no-index",
-         wheel])
-    own = run([python, "-c", "import site; print(site.getsitepackages()[0])"]).stdout.strip()
-    with open(os.path.join(own, "_test_deps.pth"), "w", encoding="utf-8") as f:
-        f.write("\n".join(site.getsitepackages()) + "\n")
+    # pip from the running interpreter installs into the new venv's prefix,
+    # so that the wheel comes before tox's copy on sys.path.
+    python = venv_with_this_env(str(env_dir), lambda python: run(
+        [sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "--no-index",
+         wheel]))
     return {"python": python, "wheel": wheel, "dir": str(env_dir), "base": base}
 
 

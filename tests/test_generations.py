@@ -1,0 +1,359 @@
+"""Generations: the pure decisions (which keys, names, sockets, the start
+verdict, nginx's reload sign) and the switch's step sequence against a
+recording fake supervisord, success and failure paths."""
+from __future__ import annotations
+
+import io
+import os
+import xmlrpc.client
+
+import pytest
+from supervisor.states import ProcessStates
+from supervisor.xmlrpc import Faults
+
+from fcgi_toolkit import applying, generations, nginxctl, render, settings, statefile, switch
+from fcgi_toolkit.generations import Generation, SocketCollision
+from fcgi_toolkit.settings import Applied
+from harness import toml_dumps
+from test_apply import _dep, _world_with_file
+
+HOST = render.Host(euid=1000, user="alice", nginx_binary="/usr/sbin/nginx", mime_types="")
+RUNNING, STOPPED, BACKOFF = ProcessStates.RUNNING, ProcessStates.STOPPED, ProcessStates.BACKOFF
+
+
+# -- which keys ----------------------------------------------------------------
+
+def test_the_fcgi_program_keys_take_a_generation_and_supervisord_keys_still_refuse():
+    fcgi_program = {"workers.socket", "workers.socket_mode", "workers.socket_owner", "app.python",
+                    "app.directory", "workers.user", "workers.graceful_timeout",
+                    "workers.max_slots", "nginx.web_servers"}
+    assert {k for k, way in settings.APPLIED_BY.items() if way is Applied.GENERATION} == fcgi_program
+    assert {k for k, way in settings.APPLIED_BY.items() if way is Applied.SUPERVISORD} == {
+        "app.name", "nginx.managed", "nginx.binary", "runtime.dir", "runtime.log_dir",
+        "runtime.templates", "metrics.listen", "control.inet_port", "control.username",
+        "control.password", "control.system_supervisord", "web.server", "hosts"}
+    p = applying.plan(["app.python", "limits.max_rss", "workers.count"], fits=False)
+    assert p.generation == ("app.python", "workers.count") and p.watchdog == ("limits.max_rss",)
+
+
+# -- names and sockets -----------------------------------------------------------
+
+def test_generation_names_keep_generation_1_as_today():
+    assert generations.group_name("wiki", 1) == "wiki"
+    assert generations.group_name("wiki", 12) == "wiki_g12"
+    assert generations.scoreboard_path("/r", 1) == "/r/scoreboard"
+    assert generations.scoreboard_path("/r", 3) == "/r/scoreboard-g3"
+
+
+def test_effective_socket_suffixes_a_unix_path_in_use_and_refuses_the_same_tcp_address():
+    serving = "unix:///run/wiki.sock"
+    assert generations.effective_socket("unix:///run/new.sock", serving, 2) == "unix:///run/new.sock"
+    assert generations.effective_socket(serving, serving, 2) == "unix:///run/wiki.g2.sock"
+    # Generation 3 of an unchanged socket is back on the configured path (2 holds the suffix).
+    assert generations.effective_socket(serving, "unix:///run/wiki.g2.sock", 3) == serving
+    assert generations.suffixed_socket("unix:///run/wiki.g2.sock", 4) == "unix:///run/wiki.g4.sock"
+    assert generations.suffixed_socket("unix:///run/sock", 2) == "unix:///run/sock.g2.sock"
+    assert generations.effective_socket("tcp://127.0.0.1:9001", serving, 2) == "tcp://127.0.0.1:9001"
+    with pytest.raises(SocketCollision, match="change workers.socket too"):
+        generations.effective_socket("tcp://127.0.0.1:9001", "tcp://127.0.0.1:9001", 2)
+
+
+def test_successor_and_the_deployment_view_follow_the_generation(tmp_path):
+    dep = _dep(tmp_path, workers={"count": 3, "max_slots": 6})
+    one = generations.first(dep)
+    assert one == Generation(1, "wiki", dep.workers.socket, dep.scoreboard_path, 6)
+    two = generations.successor(dep, one)
+    assert (two.number, two.group, two.slots) == (2, "wiki_g2", 6)
+    assert two.socket_url.endswith("/wiki.g2.sock")
+    view = generations.attach(dep, two)
+    assert (view.group, view.generation_number, view.socket_url) == ("wiki_g2", 2, two.socket_url)
+    assert view.slot_names()[0] == "wiki_g2_00" and len(view.slot_names()) == 6
+    assert view.scoreboard_path.endswith("scoreboard-g2") and view.socket_path.endswith(".g2.sock")
+    conf = render.render_all(view, HOST, dep.runtime_dir)["supervisord.conf"]
+    assert "[fcgi-program:wiki_g2]" in conf and "--slot %(process_num)d --generation 2\n" in conf
+    assert "socket=%s\n" % two.socket_url in conf and "[fcgi-program:wiki]" not in conf
+    site = render.render_all(view, HOST, dep.runtime_dir)["nginx-site.conf"]
+    assert "server unix:%s max_fails=0;" % view.socket_path in site
+    plain = render.render_all(dep, HOST, dep.runtime_dir)["supervisord.conf"]
+    assert "[fcgi-program:wiki]" in plain and "--generation" not in plain
+
+
+def test_the_state_file_is_the_one_home_of_the_serving_generation(tmp_path):
+    dep = _dep(tmp_path)
+    os.makedirs(dep.runtime_dir)
+    assert generations.serving(dep).group == "wiki"          # absent: generation 1 from the file
+    two = generations.successor(dep, generations.first(dep))
+    generations.write(dep.runtime_dir, two)
+    assert generations.read(dep.runtime_dir) == two
+    assert generations.load(dep.path).group == "wiki_g2"
+    # A worker learns its generation from its command line.
+    assert generations.for_worker(dep, 2).scoreboard_path == two.scoreboard_path
+    assert generations.for_worker(dep, 3).group == "wiki_g3"
+    statefile.write_json_atomic(generations.state_path(dep.runtime_dir), {"number": "x"})
+    assert generations.read(dep.runtime_dir) is None and generations.current(dep).number == 1
+    generations.reset(dep)
+    assert generations.read(dep.runtime_dir).number == 1
+
+
+# -- the start verdict and the reload sign --------------------------------------------
+
+def test_check_start_needs_every_slot_running_and_ready_and_fails_a_quick_exit():
+    infos = {"a": {"state": RUNNING, "pid": 10}, "b": {"state": ProcessStates.STARTING, "pid": 11}}
+    assert switch.check_start(["a", "b"], infos, {"a": 10, "b": 11}, 1, 15) == switch.Verdict()
+    infos["b"] = {"state": RUNNING, "pid": 11}
+    assert switch.check_start(["a", "b"], infos, {"a": 10}, 1, 15) == switch.Verdict()
+    assert switch.check_start(["a", "b"], infos, {"a": 10, "b": 11}, 1, 15).ready
+    assert not switch.check_start(["a", "b"], infos, {"a": 10, "b": 99}, 1, 15).ready  # other life
+    infos["b"] = {"state": BACKOFF, "pid": 0}
+    assert switch.check_start(["a", "b"], infos, {"a": 10}, 1, 15).failed == "b did not start (BACKOFF)"
+    infos["b"] = {"state": ProcessStates.STARTING, "pid": 12}
+    assert "not ready within" in switch.check_start(["a", "b"], infos, {"a": 10}, 15, 15).failed
+    assert switch.all_stopped(["a", "c"], {"a": {"state": STOPPED}})
+    assert not switch.all_stopped(["a"], {"a": {"state": ProcessStates.STOPPING}})
+    assert switch.added_group([[["wiki_g2"], [], ["wiki"]]], "wiki_g2") == ""
+    assert "did not add wiki_g2" in switch.added_group([[[], ["wiki"], []]], "wiki_g2")
+
+
+def test_nginx_reload_sign_new_workers_and_old_ones_shutting_down():
+    before = {100: {101: "nginx: worker process"}, 200: {201: "nginx: worker process"}}
+    assert nginxctl.reloaded(before, before) == []
+    still = {100: {101: "nginx: worker process", 102: "nginx: worker process"}}
+    assert nginxctl.reloaded(before, still) == []                       # old one not told yet
+    took = {100: {101: "nginx: worker process is shutting down", 102: "nginx: worker process"},
+            200: {201: "nginx: worker process"}}
+    assert nginxctl.reloaded(before, took) == [100]
+    assert not nginxctl.old_gone({100: before[100]}, took)
+    assert nginxctl.old_gone({100: before[100]}, {100: {102: "nginx: worker process"}})
+
+
+def test_system_nginx_reload_command_is_configurable(tmp_path):
+    assert nginxctl.reload_command(_dep(tmp_path), "/usr/sbin/nginx") == [
+        "/usr/sbin/nginx", "-s", "reload"]
+    dep = _dep(tmp_path, nginx={"managed": False, "reload": ["sudo", "systemctl", "reload", "nginx"]})
+    assert nginxctl.reload_command(dep, "/usr/sbin/nginx") == ["sudo", "systemctl", "reload", "nginx"]
+    with pytest.raises(settings.ConfigError, match="nginx.reload"):
+        _dep(tmp_path, nginx={"reload": "nginx -s reload"})
+
+
+# -- the switch against a recording fake supervisord ---------------------------------
+
+class FakeSupervisor:
+    """The ``supervisor`` namespace: groups of slots; records every call."""
+
+    def __init__(self, groups, fail_group=""):
+        self.groups = {g: dict(slots) for g, slots in groups.items()}
+        self.config_groups = set(self.groups)
+        self.fail_group = fail_group
+        self.calls = []
+        self.next_pid = 1000
+
+    def _slot(self, namespec):
+        group, _, name = namespec.partition(":")
+        if group not in self.groups or name not in self.groups[group]:
+            raise xmlrpc.client.Fault(Faults.BAD_NAME, namespec)
+        return self.groups[group], name
+
+    def getAllProcessInfo(self):
+        return [{"group": g, "name": n, "state": st, "pid": pid, "description": ""}
+                for g, slots in self.groups.items() for n, (st, pid) in slots.items()]
+
+    def reloadConfig(self):
+        self.calls.append(("reloadConfig",))
+        return [[[g for g in self.conf_groups() if g not in self.groups], [], []]]
+
+    def conf_groups(self):
+        with open(self.conf_path, encoding="utf-8") as f:
+            return [line[len("[fcgi-program:"):-2] for line in f if line.startswith("[fcgi-program:")]
+
+    def addProcessGroup(self, group):
+        self.calls.append(("addProcessGroup", group))
+        self.groups[group] = {"%s_%02d" % (group, i): (STOPPED, 0) for i in range(3)}
+        return True
+
+    def startProcess(self, namespec, wait):
+        self.calls.append(("startProcess", namespec))
+        slots, name = self._slot(namespec)
+        if namespec.startswith(self.fail_group + ":") and self.fail_group:
+            slots[name] = (BACKOFF, 0)
+        else:
+            self.next_pid += 1
+            slots[name] = (RUNNING, self.next_pid)
+        return True
+
+    def stopProcess(self, namespec, wait):
+        self.calls.append(("stopProcess", namespec))
+        slots, name = self._slot(namespec)
+        if slots[name][0] == STOPPED:
+            raise xmlrpc.client.Fault(Faults.NOT_RUNNING, namespec)
+        slots[name] = (STOPPED, 0)
+        return True
+
+    def removeProcessGroup(self, group):
+        self.calls.append(("removeProcessGroup", group))
+        if any(st != STOPPED for st, _ in self.groups[group].values()):
+            raise xmlrpc.client.Fault(Faults.STILL_RUNNING, group)
+        del self.groups[group]
+        return True
+
+    def readProcessStdoutLog(self, namespec, offset, length):
+        return "Traceback...\nModuleNotFoundError: No module named 'nope'\n"
+
+    readProcessStderrLog = readProcessStdoutLog
+
+
+def _switch_world(tmp_path, fail=False):
+    dep = _dep(tmp_path, workers={"count": 2, "standby": 1})
+    render.render(dep, host=HOST)
+    old = generations.serving(dep)
+    new_file = _dep(tmp_path, workers={"count": 2, "standby": 1, "socket_mode": "0600"})
+    old, new = switch.prepare(new_file)
+    sup = FakeSupervisor({"wiki": {"wiki_00": (RUNNING, 1), "wiki_01": (RUNNING, 2),
+                                   "wiki_02": (STOPPED, 0)}},
+                         fail_group=new.group if fail else "")
+    sup.conf_path = dep.supervisord_conf
+    events = []
+
+    def ready(view):
+        return {n: pid for n, (st, pid) in sup.groups.get(view.group, {}).items() if st == RUNNING}
+
+    def reload_nginx(view):
+        events.append(("nginx", view.socket_url))
+        return {}
+
+    def notify(view, out):
+        events.append(("watchdog", generations.read(view.runtime_dir).group))
+        return None
+
+    clock = iter(range(0, 10_000)).__next__
+    sw = switch.Switcher(old, new, sup, io.StringIO(), host=HOST, ready=ready,
+                         reload_nginx=reload_nginx, nginx_done=lambda view, before: None,
+                         notify=notify, clock=lambda: float(clock()), sleep=lambda s: None)
+    return dep, old, new, sup, events, sw
+
+
+def test_switch_steps_new_group_ready_then_nginx_then_watchdog_then_old_one_at_a_time(tmp_path):
+    dep, old, new, sup, events, sw = _switch_world(tmp_path)
+    message = sw.run()
+    assert message.startswith("generation 2 (wiki_g2,")
+    assert sup.calls == [
+        ("reloadConfig",), ("addProcessGroup", "wiki_g2"),
+        ("startProcess", "wiki_g2:wiki_g2_00"), ("startProcess", "wiki_g2:wiki_g2_01"),
+        ("stopProcess", "wiki:wiki_00"), ("stopProcess", "wiki:wiki_01"),
+        ("removeProcessGroup", "wiki")]
+    # nginx moved to the new socket before the watchdog was told, which saw the new state.
+    assert events == [("nginx", new.socket_url), ("watchdog", "wiki_g2")]
+    assert set(sup.groups) == {"wiki_g2"}
+    assert generations.read(dep.runtime_dir) == new.generation
+    assert generations.read_switch(dep.runtime_dir) is None
+    assert "[fcgi-program:wiki_g2]" in open(dep.supervisord_conf).read()
+    assert "socket_mode=0600" in open(dep.supervisord_conf).read()
+    site = open(os.path.join(dep.runtime_dir, "nginx-site.conf")).read()
+    assert new.socket_path in site
+    assert os.path.exists(new.scoreboard_path) and not os.path.exists(old.scoreboard_path)
+
+
+def test_a_new_generation_that_does_not_start_is_rolled_back_and_the_old_one_untouched(tmp_path):
+    dep, old, new, sup, events, sw = _switch_world(tmp_path, fail=True)
+    conf = open(dep.supervisord_conf).read()
+    site = open(os.path.join(dep.runtime_dir, "nginx-site.conf")).read()
+    with pytest.raises(switch.SwitchFailed, match="wiki_g2_00 did not start .*ModuleNotFoundError"):
+        sw.run()
+    assert sup.calls == [
+        ("reloadConfig",), ("addProcessGroup", "wiki_g2"),
+        ("startProcess", "wiki_g2:wiki_g2_00"), ("startProcess", "wiki_g2:wiki_g2_01"),
+        ("stopProcess", "wiki_g2:wiki_g2_00"), ("stopProcess", "wiki_g2:wiki_g2_01"),
+        ("removeProcessGroup", "wiki_g2"), ("reloadConfig",)]
+    assert events == []                                  # nginx and the watchdog never told
+    assert sup.groups["wiki"] == {"wiki_00": (RUNNING, 1), "wiki_01": (RUNNING, 2),
+                                  "wiki_02": (STOPPED, 0)}
+    assert open(dep.supervisord_conf).read() == conf
+    assert open(os.path.join(dep.runtime_dir, "nginx-site.conf")).read() == site
+    assert generations.current(dep).number == 1 and generations.read_switch(dep.runtime_dir) is None
+    assert not os.path.exists(new.scoreboard_path)
+
+
+def test_a_refused_nginx_reload_rolls_back_the_new_generation(tmp_path):
+    dep, old, new, sup, events, sw = _switch_world(tmp_path)
+
+    def refuse(view):
+        raise nginxctl.ReloadFailed("nginx -s reload exited 1: bad config")
+
+    sw.reload_nginx = refuse
+    with pytest.raises(switch.SwitchFailed, match="nginx: nginx -s reload exited 1"):
+        sw.run()
+    assert sup.calls[-2:] == [("removeProcessGroup", "wiki_g2"), ("reloadConfig",)]
+    assert old.socket_path in open(os.path.join(dep.runtime_dir, "nginx-site.conf")).read()
+    assert set(sup.groups) == {"wiki"} and generations.current(dep).number == 1
+
+
+def test_apply_refuses_a_second_switch_while_one_is_under_way(tmp_path):
+    dep = _dep(tmp_path)
+    os.makedirs(dep.runtime_dir)
+    generations.write_switch(dep.runtime_dir, 1, 2, switch.Phase.DRAINING.value)
+    with pytest.raises(settings.ConfigError, match=r"a generation switch \(1 -> 2, draining\)"):
+        switch.prepare(_dep(tmp_path, workers={"socket_mode": "0600"}))
+
+
+def test_the_watchdog_follows_the_serving_generation_on_its_reread(tmp_path):
+    w, data = _world_with_file(tmp_path)
+    w.started()
+    (tmp_path / "deploy.toml").write_text(toml_dumps(data))
+    dep = settings.load(str(tmp_path / "deploy.toml"))
+    generations.write(dep.runtime_dir, generations.successor(dep, generations.first(dep)))
+    w.co.state.update_slot("wiki_01", recycles=3, last_reason="requests 9 >= 9",
+                           by_reason={"requests": 3})
+    rid = statefile.enqueue(w.dep.runtime_dir, {"op": "apply", "rolling": False})
+    w.passes(1)
+    res = statefile.result(w.dep.runtime_dir, rid)
+    assert res and res["ok"], res
+    assert w.co.gateway.group == "wiki_g2" and w.co.sampler.group == "wiki_g2"
+    assert w.co.slot_names == ["wiki_g2_00", "wiki_g2_01", "wiki_g2_02"]
+    assert w.co.sampler.scoreboard.path.endswith("scoreboard-g2")
+    # The recycle history moved with the slot index: status and the counters go on.
+    moved = w.co.state.slot("wiki_g2_01")
+    assert (moved.recycles, moved.last_reason, dict(moved.by_reason)) == (
+        3, "requests 9 >= 9", {"requests": 3})
+    assert "wiki_01" not in w.co.state.slots
+
+
+def test_an_old_worker_that_does_not_stop_leaves_the_new_generation_serving(tmp_path):
+    dep, old, new, sup, events, sw = _switch_world(tmp_path)
+    stop = sup.stopProcess
+
+    def stuck(namespec, wait):
+        if namespec == "wiki:wiki_01":
+            sup.calls.append(("stopProcess", namespec))
+            sup.groups["wiki"]["wiki_01"] = (ProcessStates.STOPPING, 2)
+            return True
+        return stop(namespec, wait)
+
+    sup.stopProcess = stuck
+    with pytest.raises(switch.DrainFailed, match="wiki_01 did not stop"):
+        sw.run()
+    assert ("removeProcessGroup", "wiki") not in sup.calls
+    assert generations.current(dep) == new.generation             # the new one serves
+    assert generations.read_switch(dep.runtime_dir) is None
+
+
+def test_status_and_metrics_say_which_generation_serves_and_that_a_switch_is_under_way(tmp_path):
+    from fcgi_toolkit import metrics, status
+    from test_metrics import NOW, RecordingRPC, info, scrape
+    dep = _dep(tmp_path, workers={"count": 2, "standby": 1})
+    os.makedirs(dep.runtime_dir)
+    two = generations.successor(dep, generations.first(dep))
+    generations.write(dep.runtime_dir, two)
+    generations.write_switch(dep.runtime_dir, 1, 2, switch.Phase.DRAINING.value, NOW - 2)
+    procs = [info("wiki_00", RUNNING, 0), info("wiki_g2_00", STOPPED, group="wiki_g2"),
+             info("wiki_g2_01", STOPPED, group="wiki_g2"), info("wiki_g2_02", STOPPED, group="wiki_g2")]
+    group = status.gather(dep, RecordingRPC(procs), now=NOW)
+    assert (group.group, group.generation) == ("wiki_g2", 2)
+    assert [w.name for w in group.workers] == ["wiki_g2_00", "wiki_g2_01", "wiki_g2_02"]
+    assert status.summary_line(group).endswith(
+        "; generation 2; generation switch in progress (1 -> 2: draining)")
+    obj = status.to_json(group)
+    assert obj["generation"] == 2 and obj["switch"] == {
+        "old": 1, "new": 2, "phase": "draining", "since": NOW - 2}
+    m = scrape(metrics.GroupCollector(dep, lambda: RecordingRPC(procs), clock=lambda: NOW))
+    assert m[("fcgi_generation", ())] == 2 and m[("fcgi_generation_switch", ())] == 1
+    generations.end_switch(dep.runtime_dir)
+    assert status.gather(dep, RecordingRPC(procs), now=NOW).switch is None
