@@ -2,6 +2,7 @@
 64 connections on 2 single-thread workers of a slow endpoint, zero failed requests."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -75,14 +76,14 @@ def test_apply_under_load_limits_threads_and_nginx_with_zero_failures(cluster):
 def test_watched_deployment_file_is_applied_when_it_changes_zero_failures(cluster):
     c = cluster("core_app:application", name="wa", recycle=dict(FAST), workers={"threads": 1})
     # The watch itself is a watchdog key: applied in place by an explicit apply.
-    _edit(c, recycle={"watch": [c.deploy_path], "debounce": 0.5})
+    c.edit(recycle={"watch": [c.deploy_path], "debounce": 0.5})
     r = c.toolkit("apply", "-c", c.deploy_path, timeout=60)
-    assert r.returncode == 0 and _drift(c)["drift"] == [], r.stdout + r.stderr
+    assert r.returncode == 0 and c.status_json()["drift"] == [], r.stdout + r.stderr
     load = c.load(SLOW, threads=64, duration=60).start()
     try:
         wait_for(lambda: load.total >= 64, 20, "the load to be served before the edit")
-        _edit(c, limits={"max_requests": 40})      # no apply: the watchdog sees the edit
-        wait_for(lambda: _drift(c)["drift"] == [], 60, "the watched file's apply")
+        c.edit(limits={"max_requests": 40})      # no apply: the watchdog sees the edit
+        wait_for(lambda: c.status_json()["drift"] == [], 60, "the watched file's apply")
         wait_for(lambda: "reason='requests " in c.watchdog_log(), 30,
                  "a recycle by the new max_requests")
     finally:
@@ -91,7 +92,7 @@ def test_watched_deployment_file_is_applied_when_it_changes_zero_failures(cluste
     assert load.failed == 0, load.summary()
     assert "deployment file %s changed: applying it" % c.deploy_path in c.watchdog_log()
     # A bad edit of the watched file changes nothing: the running values stay.
-    _edit(c, limits={"max_requests": -3})
+    c.edit(limits={"max_requests": -3})
     wait_for(lambda: "limits.max_requests = -3" in c.watchdog_log(), 30,
              "the watched file's failed apply to name the key and value")
     assert c.ready_workers() and _running_max_requests(c) == 40
