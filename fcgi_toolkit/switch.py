@@ -18,91 +18,28 @@ a changed group first, and the group's socket closes with its last worker)::
     stopProcess(old_00), wait STOPPED; old_01 ...   one at a time, each drains
     removeProcessGroup(old)
 
-The decisions (:func:`check_start`, :func:`all_stopped`, :func:`added_group`)
-are pure; :class:`Switcher` is the shell, its collaborators injected.
+The decisions are pure, in :mod:`fcgi_toolkit.switch_plan`; :class:`Switcher`
+is the shell, its collaborators injected.
 """
 from __future__ import annotations
 
-import enum
 import os
 import time
 import xmlrpc.client
-from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional
 
-from supervisor.states import ProcessStates
 from supervisor.xmlrpc import Faults
 
 from fcgi_toolkit import generations, names, nginxctl, render, scoreboard
-from fcgi_toolkit.names import STARTABLE_STATES, format_duration, state_name
+from fcgi_toolkit.switch_plan import (DrainFailed, Phase, SwitchFailed, added_group,
+                                      all_stopped, check_start)
+from fcgi_toolkit.names import STARTABLE_STATES
 from fcgi_toolkit.settings import ConfigError, Deployment
 
 #: Files of the web server the switch re-renders.
 NGINX_FILES = ("nginx.conf", "nginx-site.conf")
 #: Seconds beyond stopwaitsecs a stopping process has to reach STOPPED.
 STOP_MARGIN = 10.0
-
-
-class Phase(enum.Enum):
-    """What ``status`` shows while a switch is under way (the switch state file)."""
-    STARTING = "starting"          # the new group is added, its workers start
-    NGINX = "switching nginx"
-    DRAINING = "draining"          # the new one serves; the old one stops, one at a time
-    ROLLING_BACK = "rolling back"
-
-
-class SwitchFailed(Exception):
-    """The new generation did not take over; the message is one line."""
-
-
-class DrainFailed(Exception):
-    """The new generation serves, but the old one did not drain (one line)."""
-
-
-# --------------------------------------------------------------------------
-# Pure decisions
-# --------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Verdict:
-    """The new generation's start: ready, failed (why), or neither yet."""
-    ready: bool = False
-    failed: str = ""
-
-
-def check_start(slots: Sequence[str], infos: Mapping[str, Mapping[str, Any]],
-                ready_pids: Mapping[str, int], elapsed: float, timeout: float) -> Verdict:
-    """Whether every started slot is RUNNING (it outlived startsecs) and says
-    ready in its scoreboard slot; a slot that exited (BACKOFF, EXITED,
-    FATAL: a failed start) or a start longer than ``timeout`` fails."""
-    for slot in slots:
-        info = infos.get(slot)
-        if info is None:
-            return Verdict(failed="%s is not in supervisord" % slot)
-        if info["state"] in names.FAILED_STATES:
-            return Verdict(failed="%s did not start (%s)" % (slot, state_name(info["state"])))
-    if all(infos[s]["state"] == ProcessStates.RUNNING and infos[s]["pid"]
-           and ready_pids.get(s) == infos[s]["pid"] for s in slots):
-        return Verdict(ready=True)
-    if elapsed >= timeout:
-        return Verdict(failed="not ready within recycle.ready_timeout (%s)"
-                       % format_duration(timeout))
-    return Verdict()
-
-
-def all_stopped(slots: Sequence[str], infos: Mapping[str, Mapping[str, Any]]) -> bool:
-    """Whether none of ``slots`` has a process (a missing slot has none)."""
-    return all(slot not in infos or infos[slot]["state"] in STARTABLE_STATES for slot in slots)
-
-
-def added_group(result: Any, group: str) -> str:
-    """Why reloadConfig's ``[[added, changed, removed]]`` does not add ``group`` ("" if it does)."""
-    try:
-        added = list(result[0][0])
-    except (TypeError, IndexError):
-        return "reloadConfig answered %r" % (result,)
-    return "" if group in added else "reloadConfig did not add %s (added: %s)" % (
-        group, ", ".join(added) or "none")
 
 
 # --------------------------------------------------------------------------

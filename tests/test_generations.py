@@ -11,7 +11,7 @@ import pytest
 from supervisor.states import ProcessStates
 from supervisor.xmlrpc import Faults
 
-from fcgi_toolkit import applying, generations, nginxctl, render, settings, statefile, switch
+from fcgi_toolkit import applying, generations, nginxctl, render, settings, statefile, switch, switch_plan
 from fcgi_toolkit.generations import Generation, SocketCollision
 from fcgi_toolkit.settings import Applied
 from harness import toml_dumps
@@ -99,19 +99,19 @@ def test_the_state_file_is_the_one_home_of_the_serving_generation(tmp_path):
 
 def test_check_start_needs_every_slot_running_and_ready_and_fails_a_quick_exit():
     infos = {"a": {"state": RUNNING, "pid": 10}, "b": {"state": ProcessStates.STARTING, "pid": 11}}
-    assert switch.check_start(["a", "b"], infos, {"a": 10, "b": 11}, 1, 15) == switch.Verdict()
+    assert switch_plan.check_start(["a", "b"], infos, {"a": 10, "b": 11}, 1, 15) == switch_plan.Verdict()
     infos["b"] = {"state": RUNNING, "pid": 11}
-    assert switch.check_start(["a", "b"], infos, {"a": 10}, 1, 15) == switch.Verdict()
-    assert switch.check_start(["a", "b"], infos, {"a": 10, "b": 11}, 1, 15).ready
-    assert not switch.check_start(["a", "b"], infos, {"a": 10, "b": 99}, 1, 15).ready  # other life
+    assert switch_plan.check_start(["a", "b"], infos, {"a": 10}, 1, 15) == switch_plan.Verdict()
+    assert switch_plan.check_start(["a", "b"], infos, {"a": 10, "b": 11}, 1, 15).ready
+    assert not switch_plan.check_start(["a", "b"], infos, {"a": 10, "b": 99}, 1, 15).ready  # other life
     infos["b"] = {"state": BACKOFF, "pid": 0}
-    assert switch.check_start(["a", "b"], infos, {"a": 10}, 1, 15).failed == "b did not start (BACKOFF)"
+    assert switch_plan.check_start(["a", "b"], infos, {"a": 10}, 1, 15).failed == "b did not start (BACKOFF)"
     infos["b"] = {"state": ProcessStates.STARTING, "pid": 12}
-    assert "not ready within" in switch.check_start(["a", "b"], infos, {"a": 10}, 15, 15).failed
-    assert switch.all_stopped(["a", "c"], {"a": {"state": STOPPED}})
-    assert not switch.all_stopped(["a"], {"a": {"state": ProcessStates.STOPPING}})
-    assert switch.added_group([[["wiki_g2"], [], ["wiki"]]], "wiki_g2") == ""
-    assert "did not add wiki_g2" in switch.added_group([[[], ["wiki"], []]], "wiki_g2")
+    assert "not ready within" in switch_plan.check_start(["a", "b"], infos, {"a": 10}, 15, 15).failed
+    assert switch_plan.all_stopped(["a", "c"], {"a": {"state": STOPPED}})
+    assert not switch_plan.all_stopped(["a"], {"a": {"state": ProcessStates.STOPPING}})
+    assert switch_plan.added_group([[["wiki_g2"], [], ["wiki"]]], "wiki_g2") == ""
+    assert "did not add wiki_g2" in switch_plan.added_group([[[], ["wiki"], []]], "wiki_g2")
 
 
 def test_nginx_reload_sign_new_workers_and_old_ones_shutting_down():
