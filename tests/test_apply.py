@@ -201,7 +201,7 @@ def test_a_watched_deployment_file_is_applied_once_debounced_other_files_reload(
         def poll(self):
             return 0
 
-    w.co.spawn = Child
+    w.co.watched.spawn = Child
     deploy, version = str(tmp_path / "deploy.toml"), str(tmp_path / "version.txt")
     w.files = {deploy: (1, 10), version: (1, 1)}
     w.started()

@@ -741,3 +741,10 @@ def test_without_a_ready_worker_nginx_starts_after_ready_timeout_with_a_warning(
     w.passes(20)
     assert w.sup.calls.count(nginx) == 1
     assert "no worker ready after" in caplog.text
+
+
+def test_nginx_is_due_after_a_ready_worker_or_after_ready_timeout_without_one():
+    from fcgi_toolkit.nginx_start import nginx_due
+    assert not nginx_due(0, 4.9, 5.0)
+    assert nginx_due(1, 0.0, 5.0)
+    assert nginx_due(0, 5.0, 5.0)
