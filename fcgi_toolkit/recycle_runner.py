@@ -14,9 +14,9 @@ from dataclasses import replace
 from typing import Any, Optional
 
 from fcgi_toolkit import policy, recycle, statefile
-from fcgi_toolkit.names import format_duration
+from fcgi_toolkit.names import PROMOTE_SIGNAL, format_duration
 from fcgi_toolkit.policy import Recycle, Snapshot
-from fcgi_toolkit.recycle import Operation, Phase, StartProcess
+from fcgi_toolkit.recycle import Operation, Phase, PromoteProcess, StartProcess
 from fcgi_toolkit.supervisord import CommandFailed
 
 log = logging.getLogger("fcgi_toolkit.watchdog")
@@ -35,7 +35,8 @@ class RecycleRunner:
         co = self.co
         offender = snap.get(action.slot)
         op, effects = recycle.begin(offender, action.slot, action.replacement, action.reason,
-                                    action.kind, origin, now, request, action.flapping)
+                                    action.kind, origin, now, request, action.flapping,
+                                    action.warm)
         if action.flapping:
             until = co.state.flap([n for n in (op.offender, op.replacement) if n], now)
             co.state.update_slot(op.offender, flapping=True)
@@ -44,8 +45,9 @@ class RecycleRunner:
                       op.offender, op.old_pid, op.reason,
                       policy.flap_evidence(offender, op.kind, co.limits),
                       format_duration(until - now))
-        log.info("recycle begins worker=%s pid=%d reason=%r origin=%s replacement=%s",
-                 op.offender, op.old_pid, op.reason, origin, op.new_slot)
+        log.info("recycle begins worker=%s pid=%d reason=%r origin=%s replacement=%s%s",
+                 op.offender, op.old_pid, op.reason, origin, op.new_slot,
+                 " (warm standby, promoted)" if op.warm else "")
         self.step(None, op, effects, now=now)
 
     def advance_all(self, snap: Snapshot, now: float) -> None:
@@ -67,6 +69,8 @@ class RecycleRunner:
             try:
                 if isinstance(effect, StartProcess):
                     co.gateway.start(effect.slot)
+                elif isinstance(effect, PromoteProcess):
+                    co.gateway.signal(effect.slot, PROMOTE_SIGNAL)
                 else:
                     co.gateway.stop(effect.slot)
             except CommandFailed as exc:
