@@ -366,6 +366,9 @@ class Ours(_Supervised):
             "[workers]",
             "count = %d" % s.workers,
             "standby = %d" % s.extra.get("standby", 1),
+            # Only when asked for: the product's default otherwise.
+            *(["warm_standby = %s" % ("true" if s.extra["warm_standby"] else "false")]
+              if "warm_standby" in s.extra else []),
             "threads = %d" % s.threads,
             'socket = %s' % json.dumps("unix://" + self.socket_path),
             'graceful_timeout = "10s"',

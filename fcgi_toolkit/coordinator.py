@@ -62,6 +62,7 @@ class Recall:
     alarmed: dict[str, tuple] = field(default_factory=dict)        # slot -> (pid, rss_time)
     held_logged: set[int] = field(default_factory=set)
     ready_seen: set[int] = field(default_factory=set)             # replacement pids polled ready
+    promoted: set[int] = field(default_factory=set)               # standby pids told to accept
     fatal_seen: set[str] = field(default_factory=set)
     waiting_logged: set[str] = field(default_factory=set)          # request ids
     reload_stalled_since: Optional[float] = None
@@ -74,6 +75,7 @@ class Recall:
         self.killed &= alive
         self.held_logged &= alive
         self.ready_seen &= alive
+        self.promoted &= alive
 
 
 class Coordinator:
@@ -146,8 +148,10 @@ class Coordinator:
 
     # -- for the listener ----------------------------------------------------
     def busy(self) -> bool:
-        """Whether a recycle or a reload is in progress (the listener polls faster)."""
-        return bool(self.state.recycle) or self.state.reload is not None or self.watch.pending
+        """Whether a recycle, a reload, a promotion or nginx's start is in progress
+        (the listener polls faster)."""
+        return (bool(self.state.recycle) or self.state.reload is not None or self.watch.pending
+                or bool(self.recall.promoted) or bool(self.nginx.waiting))
 
     def interval(self) -> float:
         return min(self.check_interval, 0.25) if self.busy() else self.check_interval
@@ -227,6 +231,8 @@ class Coordinator:
                         slot.pid, slot.create_time, slot.max_requests, slot.max_age))
                 if slot.record is not None and policy.breaches(slot, self.limits):
                     self.recall.first_breach.setdefault(slot.pid, now)
+            if slot.accepting:
+                self.recall.promoted.discard(slot.pid)
             if slot.ready and history.fails:
                 self.state.update_slot(slot.name, fails=0)
             if slot.state == ProcessStates.FATAL and slot.name not in busy:

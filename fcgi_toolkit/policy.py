@@ -539,7 +539,7 @@ def reconcile(snapshot: Snapshot, now: float, limits: Limits, memory: Memory) ->
     STOPPING slot is never started.  Stops take the highest-numbered active
     slots (with warm standbys: the extra serving ones, then the highest
     non-serving ones) and are graceful.  Promotions take the lowest-numbered
-    warm standbys.
+    RUNNING warm standbys, then those still STARTING.
     """
     if memory.operations:
         return []
@@ -555,8 +555,9 @@ def reconcile(snapshot: Snapshot, now: float, limits: Limits, memory: Memory) ->
             actions += [Stop(s.name, said) for s in extra]
             stopping = {s.name for s in extra}
         else:
+            # RUNNING standbys first: one still in startsecs may yet fail to start.
             warm = sorted((s for s in snapshot.slots if s.warm and s.name not in memory.busy),
-                          key=lambda s: s.index)
+                          key=lambda s: (s.state != ProcessStates.RUNNING, s.index))
             actions += [Promote(s.name, s.pid, said) for s in warm[:limits.count - len(serving)]]
     missing = limits.running_slots - (len(active) - len(stopping))
     if missing > 0:

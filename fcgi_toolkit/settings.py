@@ -98,7 +98,8 @@ REGISTRY: tuple[Setting, ...] = (
     Setting("workers", "count", positive_int, 2,
             "Workers serving at all times."),
     Setting("workers", "standby", non_negative_int, 1,
-            "Extra slots used to start a replacement before its predecessor stops."),
+            "Extra workers that take over from a recycled worker before it stops (warm standbys;"
+            " stopped slots with warm_standby = false)."),
     Setting("workers", "warm_standby", boolean_value, True,
             "Standby workers run with the app imported, accepting nothing, and take over at"
             " once (SIGUSR2) when a worker is recycled; false: a standby slot stays stopped"

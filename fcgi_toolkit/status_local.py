@@ -37,7 +37,7 @@ STATES: dict[str, str] = {
     "flapping": "over a limit from its start (a replacement would be); backs off",
     "starting": "started, app not imported yet (or no scoreboard slot yet)",
     "backoff": "failed to start; supervisord or the watchdog will retry",
-    "standby": "stopped spare slot used for graceful replacement (workers.standby)",
+    "standby": "stopped spare slot (workers.warm_standby = false, or between a recycle and its restart)",
     "stopped": "stopped while the group runs fewer than workers.count",
     "exited": "exited unexpectedly; supervisord restarts it",
     "fatal": "could not be started; needs the operator",

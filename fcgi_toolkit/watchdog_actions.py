@@ -83,6 +83,7 @@ class ActionRunner:
     def _promote(self, action: Promote, snap: Snapshot, now: float) -> None:
         log.info("promoting the warm standby %s pid %d: %s", action.slot, action.pid,
                  action.reason)
+        self.co.recall.promoted.add(action.pid)     # the next passes come sooner
         self.co.gateway.signal(action.slot, PROMOTE_SIGNAL)
 
     def _stop(self, action: Stop, snap: Snapshot, now: float) -> None:

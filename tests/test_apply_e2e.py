@@ -122,7 +122,9 @@ def _active(c):
 def test_count_2_3_2_and_standby_1_2_without_a_group_restart_zero_failures(cluster):
     c = cluster("core_app:application", name="cnt", recycle=dict(FAST),
                 workers={"threads": 1, "max_slots": 5})
-    assert len(c.process_info()) == 5 and len(_active(c)) == 2
+    # Two serving and the warm standby run; slots 03 and 04 are spare.
+    assert len(c.process_info()) == 5 and len(_active(c)) == 3
+    assert len(c.ready_workers()) == 2 and len(c.warm_workers()) == 1
     load = c.load(SLOW, threads=64, duration=90).start()
     try:
         wait_for(lambda: load.total >= 64, 20, "the load to be served before apply")
@@ -134,12 +136,13 @@ def test_count_2_3_2_and_standby_1_2_without_a_group_restart_zero_failures(clust
         _edit(c, workers={"count": 2})
         r = c.toolkit("apply", "-c", c.deploy_path, timeout=60)
         assert r.returncode == 0, r.stdout + r.stderr
-        wait_for(lambda: len(_active(c)) == 2, 30, "count back to 2")
+        wait_for(lambda: len(_active(c)) == 3 and len(c.ready_workers()) == 2, 30,
+                 "count back to 2 (and the warm standby)")
         _edit(c, workers={"standby": 2})
         r = c.toolkit("apply", "-c", c.deploy_path, timeout=60)
         assert r.returncode == 0, r.stdout + r.stderr
-        wait_for(lambda: [w["state"] for w in _drift(c)["workers"]].count("standby") == 2, 20,
-                 "two standby slots")
+        wait_for(lambda: [w["state"] for w in _drift(c)["workers"]].count("warm") == 2, 20,
+                 "two warm standbys")
     finally:
         load.stop()
         load.join()

@@ -254,10 +254,16 @@ def test_young_worker_that_grows_past_the_limit_is_replaced_without_backoff(clus
                 workers={"count": 2, "standby": 2}, recycle={"ready_timeout": "20s",
                                                              "max_concurrent": 2})
     first = c.ready_workers()
+    watcher = PidWatcher(c, interval=0.05)
+    watcher.start()
     load = c.load("/", threads=2, duration=15, pause=0.1).start()
     load.join()
+    watcher.stop()
     assert load.failed == 0, load.summary()
+    # Each recycle promoted a warm standby before its offender stopped.
+    assert watcher.min_ready >= 2, watcher.min_ready
     done = recycled(c)
+    assert c.watchdog_log().count("(warm standby, promoted)") >= len(done), c.watchdog_log()
     # Each first worker replaced, and replacements replaced in turn: no slot held back.
     assert {old for _, old, _, _, _ in done} >= {str(p) for p in first.values()}, done
     assert len(done) >= 3, done
@@ -269,8 +275,10 @@ def test_young_worker_that_grows_past_the_limit_is_replaced_without_backoff(clus
 
 
 def test_hard_ceiling_stops_a_worker_before_its_replacement_is_ready(cluster, tmp_path):
+    # Cold standby: the replacement must import the app, and its import hangs.
     hold = tmp_path / "hold-import"
     c = cluster("wd_grow:application", name="wd", app={"environment": {"WD_HOLD_IMPORT": str(hold)}},
+                workers={"warm_standby": False},
                 limits={"max_rss": "50MB", "max_rss_hard": "90MB"},
                 recycle={"check_interval": 0.5, "ready_timeout": "60s"})
     first = c.ready_workers()
@@ -293,3 +301,38 @@ def test_hard_ceiling_stops_a_worker_before_its_replacement_is_ready(cluster, tm
     assert re.search(r"stopping wd_0\d pid %d at once: rss [\d.]+MB > 90MB "
                      r"\(limits.max_rss_hard\)" % fat, c.watchdog_log()), c.watchdog_log()
     assert c.access_log_statuses().keys() <= {200}
+
+
+def test_hard_ceiling_with_a_warm_standby_stops_at_once_and_the_standby_serves(cluster, tmp_path):
+    # The warm standby imported the app before imports started to hang: it takes
+    # over the moment the worker over the ceiling stops; the next standby hangs.
+    hold = tmp_path / "hold-import"
+    c = cluster("wd_grow:application", name="wd", app={"environment": {"WD_HOLD_IMPORT": str(hold)}},
+                limits={"max_rss": "50MB", "max_rss_hard": "90MB"},
+                recycle={"check_interval": 0.5, "ready_timeout": "60s"})
+    first, standby = c.ready_workers(), c.warm_workers()
+    assert len(first) == 2 and len(standby) == 1
+    hold.write_text("held")
+    watcher = PidWatcher(c, interval=0.05)
+    watcher.start()
+    load = c.load("/", threads=2, duration=30, pause=0.05).start()
+    try:
+        body = c.get("/grow?mb=100", timeout=10).text
+        fat = int(body.split()[1])
+        assert fat in first.values(), (body, first)
+        wait_for(lambda: fat not in c.pids().values(), 20, "the worker over the ceiling to stop")
+        serving = c.wait_ready(2, timeout=20)
+        assert set(serving.values()) == (set(first.values()) - {fat}) | set(standby.values())
+        assert c.warm_workers() == {}        # the next standby's import still hangs
+    finally:
+        load.stop()
+        load.join()
+        watcher.stop()
+        hold.unlink()
+    assert load.failed == 0, load.summary()
+    assert watcher.min_ready >= 1, watcher.min_ready
+    assert re.search(r"stopping wd_0\d pid %d at once: rss [\d.]+MB > 90MB "
+                     r"\(limits.max_rss_hard\)" % fat, c.watchdog_log()), c.watchdog_log()
+    assert re.search(r"promoting the warm standby %s pid %d" % tuple(standby.items())[0],
+                     c.watchdog_log()), c.watchdog_log()
+    c.wait_warm(timeout=30)
