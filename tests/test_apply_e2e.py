@@ -157,4 +157,5 @@ def test_count_2_3_2_and_standby_1_2_without_a_group_restart_zero_failures(clust
     _edit(c, workers={"count": 4})
     r = c.toolkit("apply", "-c", c.deploy_path, timeout=60)
     assert r.returncode == 1 and "workers.count" in r.stderr, r.stdout + r.stderr
-    assert len(_active(c)) == 2
+    # Nothing changed: two serving and two warm standbys.
+    assert len(_active(c)) == 4 and len(c.ready_workers()) == 2

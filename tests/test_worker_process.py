@@ -248,7 +248,7 @@ def test_warm_standby_accepts_nothing_until_sigusr2_then_serves(spawn):
     board = board_for(standby)
     rec = wait_for(lambda: (r := board.read(1)) is not None and r.pid == standby.pid
                    and r.standby and r)
-    assert rec and not rec.ready and rec.baseline > 0, standby.log()
+    assert rec and not rec.ready, standby.log()
     # Every request goes to the serving worker while the other one waits.
     for _ in range(5):
         r = fc.request(serving.listener.address, "/pid", timeout=10)
