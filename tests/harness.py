@@ -318,6 +318,17 @@ class Cluster:
         states = (ProcessStates.RUNNING, ProcessStates.STARTING) if starting else (
             ProcessStates.RUNNING,)
         self._remember()
+        return self._workers_whose_slot(states, lambda rec: rec.ready)
+
+    def warm_workers(self) -> dict[str, int]:
+        """{slot name: pid} of warm standbys: running (or within startsecs), the
+        app imported, their live scoreboard slot says standby (they accept nothing)."""
+        return self._workers_whose_slot((ProcessStates.RUNNING, ProcessStates.STARTING),
+                                        lambda rec: rec.standby)
+
+    def _workers_whose_slot(self, states: tuple, says: Callable[[Any], bool]) -> dict[str, int]:
+        """{slot name: pid} of workers in ``states`` whose live, not draining
+        scoreboard slot ``says`` so."""
         board = scoreboard.Scoreboard(self.dep.scoreboard_path, self.dep.slots)
         try:
             out = {}
@@ -326,24 +337,7 @@ class Cluster:
                 if not info or info["state"] not in states:
                     continue
                 rec = board.read(i)
-                if rec and rec.ready and not rec.draining and rec.pid == info["pid"]:
-                    out[slot] = info["pid"]
-            return out
-        finally:
-            board.close()
-
-    def warm_workers(self) -> dict[str, int]:
-        """{slot name: pid} of warm standbys: running (or within startsecs), the
-        app imported, their live scoreboard slot says standby (they accept nothing)."""
-        board = scoreboard.Scoreboard(self.dep.scoreboard_path, self.dep.slots)
-        try:
-            out = {}
-            for i, slot in enumerate(self.dep.slot_names()):
-                info = self._infos().get(slot)
-                if not info or info["state"] not in (ProcessStates.RUNNING, ProcessStates.STARTING):
-                    continue
-                rec = board.read(i)
-                if rec and rec.standby and not rec.draining and rec.pid == info["pid"]:
+                if rec and says(rec) and not rec.draining and rec.pid == info["pid"]:
                     out[slot] = info["pid"]
             return out
         finally:

@@ -274,6 +274,34 @@ def test_young_worker_that_grows_past_the_limit_is_replaced_without_backoff(clus
     assert c.access_log_statuses().keys() <= {200}
 
 
+def _over_the_ceiling_while_imports_hang(c, serving, hold, watcher=None):
+    """Under load, make one of ``serving`` jump over limits.max_rss_hard while a
+    new worker's import hangs (``hold``): it is stopped at once, the other one
+    serves alone, then imports go on.  Returns the fat pid and the load."""
+    load = c.load("/", threads=2, duration=30, pause=0.05).start()
+    try:
+        body = c.get("/grow?mb=100", timeout=10).text
+        fat = int(body.split()[1])
+        assert fat in serving.values(), (body, serving)
+        wait_for(lambda: fat not in c.pids().values(), 20, "the worker over the ceiling to stop")
+        # No replacement was ready: the one other worker serves alone, and keeps serving.
+        assert set(c.ready_workers().values()) == set(serving.values()) - {fat}
+        assert load.failed == 0, load.summary()
+        hold.unlink()
+        assert len(c.wait_ready(2, timeout=30)) >= 2
+    finally:
+        load.stop()
+        load.join()
+        if watcher is not None:
+            watcher.stop()
+        if hold.exists():
+            hold.unlink()
+    assert load.failed == 0, load.summary()
+    assert re.search(r"stopping wd_0\d pid %d at once: rss [\d.]+MB > 90MB "
+                     r"\(limits.max_rss_hard\)" % fat, c.watchdog_log()), c.watchdog_log()
+    return fat, load
+
+
 def test_hard_ceiling_stops_a_worker_before_its_replacement_is_ready(cluster, tmp_path):
     # Cold standby: the replacement must import the app, and its import hangs.
     hold = tmp_path / "hold-import"
@@ -283,23 +311,7 @@ def test_hard_ceiling_stops_a_worker_before_its_replacement_is_ready(cluster, tm
                 recycle={"check_interval": 0.5, "ready_timeout": "60s"})
     first = c.ready_workers()
     hold.write_text("held")           # from now on a new worker's import waits
-    load = c.load("/", threads=2, duration=30, pause=0.05).start()
-    try:
-        body = c.get("/grow?mb=100", timeout=10).text
-        fat = int(body.split()[1])
-        assert fat in first.values(), (body, first)
-        wait_for(lambda: fat not in c.pids().values(), 20, "the worker over the ceiling to stop")
-        # No replacement was ready: the one other worker serves alone, and keeps serving.
-        assert set(c.ready_workers().values()) == set(first.values()) - {fat}
-        assert load.failed == 0, load.summary()
-        hold.unlink()
-        assert len(c.wait_ready(2, timeout=30)) >= 2
-    finally:
-        load.stop()
-        load.join()
-    assert load.failed == 0, load.summary()
-    assert re.search(r"stopping wd_0\d pid %d at once: rss [\d.]+MB > 90MB "
-                     r"\(limits.max_rss_hard\)" % fat, c.watchdog_log()), c.watchdog_log()
+    _over_the_ceiling_while_imports_hang(c, first, hold)
     assert c.access_log_statuses().keys() <= {200}
 
 
@@ -322,25 +334,6 @@ def test_hard_ceiling_with_no_warm_standby_left_stops_at_once_and_the_group_serv
     assert c.warm_workers() == {}            # the next standby's import hangs
     watcher = PidWatcher(c, interval=0.05)
     watcher.start()
-    load = c.load("/", threads=2, duration=30, pause=0.05).start()
-    try:
-        body = c.get("/grow?mb=100", timeout=10).text
-        fat = int(body.split()[1])
-        assert fat in serving.values(), (body, serving)
-        wait_for(lambda: fat not in c.pids().values(), 20, "the worker over the ceiling to stop")
-        # No standby was ready: the one other worker serves alone, and keeps serving.
-        assert set(c.ready_workers().values()) == set(serving.values()) - {fat}
-        assert load.failed == 0, load.summary()
-        hold.unlink()
-        assert len(c.wait_ready(2, timeout=30)) >= 2
-    finally:
-        load.stop()
-        load.join()
-        watcher.stop()
-        if hold.exists():
-            hold.unlink()
-    assert load.failed == 0, load.summary()
+    _over_the_ceiling_while_imports_hang(c, serving, hold, watcher)
     assert watcher.min_ready >= 1, watcher.min_ready
-    assert re.search(r"stopping wd_0\d pid %d at once: rss [\d.]+MB > 90MB "
-                     r"\(limits.max_rss_hard\)" % fat, c.watchdog_log()), c.watchdog_log()
     c.wait_warm(timeout=30)
