@@ -63,6 +63,7 @@ class Recall:
     held_logged: set[int] = field(default_factory=set)
     ready_seen: set[int] = field(default_factory=set)             # replacement pids polled ready
     promoted: set[int] = field(default_factory=set)               # standby pids told to accept
+    warm_seen: set[int] = field(default_factory=set)              # standby pids polled warm
     fatal_seen: set[str] = field(default_factory=set)
     waiting_logged: set[str] = field(default_factory=set)          # request ids
     reload_stalled_since: Optional[float] = None
@@ -76,6 +77,7 @@ class Recall:
         self.held_logged &= alive
         self.ready_seen &= alive
         self.promoted &= alive
+        self.warm_seen &= alive
 
 
 class Coordinator:
@@ -148,10 +150,11 @@ class Coordinator:
 
     # -- for the listener ----------------------------------------------------
     def busy(self) -> bool:
-        """Whether a recycle, a reload, a promotion or nginx's start is in progress
-        (the listener polls faster)."""
+        """Whether a recycle, a reload, a promotion or nginx's start is in progress,
+        or a recycle ended in the last pass (its slot is refilled next): the
+        listener polls faster."""
         return (bool(self.state.recycle) or self.state.reload is not None or self.watch.pending
-                or bool(self.recall.promoted) or bool(self.nginx.waiting))
+                or bool(self.recall.promoted) or bool(self.nginx.waiting) or self.ops_changed)
 
     def interval(self) -> float:
         return min(self.check_interval, 0.25) if self.busy() else self.check_interval

@@ -201,3 +201,24 @@ def test_warm_hard_ceiling_stops_at_once_and_the_standby_takes_over(tmp_path):
         w.passes(1)
     assert pids["wiki_01"] not in w.sup.running().values()
     assert len(accepting(w)) == 2
+
+
+def test_warm_a_fresh_standby_brings_the_next_pass_forward_for_a_waiting_breach(tmp_path):
+    w = warm_world(tmp_path, limits={"max_rss": "100MB"})
+    started_warm(w)
+    pids = w.sup.running()
+    w.sup.rss[pids["wiki_00"]] = w.sup.rss[pids["wiki_01"]] = 150 * MB   # both at once
+    w.co.run_pass()
+    assert len(w.co.state.recycle) == 1
+    for _ in range(10):                      # the first recycle, until it ends
+        w.co.run_pass()
+        if not w.co.state.recycle:
+            break
+    assert w.co.busy()                       # its slot is refilled in the next pass, not in 1 s
+    w.co.run_pass()
+    assert [c[1] for c in w.sup.named_calls("startProcess")] == ["wiki:wiki_00"]
+    assert not w.co.urgent()                 # the fresh standby is still importing
+    w.sup.step()                             # ...and now says standby in its slot
+    assert w.co.urgent() and not w.co.urgent()             # once per standby
+    w.co.run_pass()
+    assert len(w.co.state.recycle) == 1      # the second offender, through the new standby
