@@ -114,7 +114,7 @@ class Coordinator:
         self.last_snapshot: Optional[Snapshot] = None
         self.standing_by = False
         self._saved: Optional[dict] = None
-        self.ops_changed = False      # an operation began or ended in this pass
+        self.ops_changed = False      # an operation failed in this pass (its snapshot is stale)
         for name in self.slot_names:
             life = self.state.slot(name).life
             if life is not None:
@@ -151,7 +151,7 @@ class Coordinator:
     # -- for the listener ----------------------------------------------------
     def busy(self) -> bool:
         """Whether a recycle, a reload, a promotion or nginx's start is in progress,
-        or a recycle ended in the last pass (its slot is refilled next): the
+        or a recycle failed in the last pass (its slots are set right next): the
         listener polls faster."""
         return (bool(self.state.recycle) or self.state.reload is not None or self.watch.pending
                 or bool(self.recall.promoted) or bool(self.nginx.waiting) or self.ops_changed)

@@ -86,7 +86,11 @@ class RecycleRunner:
                 log.warning("cannot stop failed replacement %s: %s", effect.slot, exc)
 
     def _conclude(self, op: Operation, now: float) -> None:
-        self.co.ops_changed = True
+        if op.phase != Phase.DONE:
+            # A failure stops its new worker: this pass's snapshot is stale.  A
+            # DONE has no effects (the snapshot shows the offender gone), so
+            # the pass may refill the slot at once (the next warm standby).
+            self.co.ops_changed = True
         self.co.state.recycle.pop(op.offender, None)
         if op.phase == Phase.DONE:
             self._done(op, now)
