@@ -52,15 +52,16 @@ COLUMNS = [("rate", "leak MB/s", "s"), ("contender", "contender", "s"),
            ("failed", "failed", "d"), ("requests", "requests", "d"),
            ("replacements", "recycles", "d"), ("ready_median_s", "limit-to-ready median s", ".2f"),
            ("ready_max_s", "limit-to-ready max s", ".2f"),
-           ("took_median_s", "ours: detection-to-ready median s (watchdog log)", ".2f"),
-           ("took_max_s", "ours: detection-to-ready max s", ".2f")]
+           ("took_median_s", "ours: recycle begin-to-ready median s (watchdog log)", ".2f"),
+           ("took_max_s", "ours: recycle begin-to-ready max s", ".2f")]
 
 TOOK = re.compile(r"recycled worker=\S+ .* took=([\d.]+)s")
 
 
 def watchdog_took(contender) -> list[float]:
-    """Ours: each recycle's detection-to-ready as the watchdog logs it (``took=``,
-    from the recycle's begin to its replacement ready); [] for other contenders."""
+    """Ours: each recycle's begin-to-ready as the watchdog logs it (``took=``); a
+    recycle begins at detection when a standby is free, later when it had to wait
+    for one (limit-to-ready includes that wait).  [] for other contenders."""
     log_dir = os.path.join(getattr(contender, "runtime_dir", "") or "/nonexistent", "log")
     out: list[float] = []
     for path in glob.glob(os.path.join(log_dir, "*watchdog*.log")):
