@@ -63,7 +63,8 @@ class RollingReload:
             self.co.actions.carry_out(policy.Stop(old_standby.name, "reload: an old warm"
                                                   " standby"), snap, now)
             self.standby_stops[old_standby.name] = old_standby.pid
-            self.co.state.reload = replace(reload, replaced=reload.replaced + 1, old_pids={
+            # Not counted in "reloaded N workers": those are the serving ones.
+            self.co.state.reload = replace(reload, old_pids={
                 n: pid for n, pid in reload.old_pids.items() if n != old_standby.name})
             return
         target = next((s for s in remaining if s.name not in busy), None)

@@ -156,7 +156,7 @@ def test_warm_reload_stops_the_old_standby_first_then_replaces_each_worker(tmp_p
         assert len(accepting(w)) >= 2
         w.passes(1)
     res = statefile.result(w.dep.runtime_dir, rid)
-    assert res and res["ok"], res
+    assert res and res["ok"] and "reloaded 2 workers" in res["message"], res
     assert not old & set(w.sup.running().values())
     assert len(accepting(w)) == 2 and len(warm(w)) == 1
 
