@@ -16,7 +16,7 @@ from dataclasses import replace
 from typing import Any, Optional
 
 from fcgi_toolkit import policy, recycle, statefile
-from fcgi_toolkit.names import format_duration
+from fcgi_toolkit.names import FAILED_STATES, format_duration
 from fcgi_toolkit.policy import Snapshot, Wait
 
 log = logging.getLogger("fcgi_toolkit.watchdog")
@@ -40,6 +40,7 @@ class RollingReload:
         old = {s.name: s.pid for s in snap.slots if s.active and s.pid}
         self.co.state.reload = recycle.Reload(origin, old, now, request)
         self.co.state.fresh_start()        # new code may cure what made slots back off or flap
+        self.standby_stops.clear()
         self.co.recall.reload_stalled_since = None
         log.info("rolling reload begins (%s): %d workers to replace", origin, len(old))
         self.co.save()
@@ -51,6 +52,12 @@ class RollingReload:
             return
         if any(s.pid == self.standby_stops.get(s.name) for s in snap.slots if s.warm):
             return                  # a snapshot from before the standby's stop: wait for it
+        failed = next((s for s in snap.slots if s.name in self.standby_stops
+                       and s.state in FAILED_STATES), None)
+        if failed is not None:      # the new code's first worker: as a failed replacement
+            return self.end(False, "reload stopped: the new standby %s %s: %s" % (
+                failed.name, failed.statename,
+                self.co.gateway.read_error(failed.name, failed.description)))
         remaining = recycle.reload_remaining(reload, snap)
         if not remaining:
             return self.end(True, "reloaded %d workers in %.1fs" % (

@@ -221,3 +221,18 @@ def test_warm_a_fresh_standby_brings_the_next_pass_forward_for_a_waiting_breach(
     assert w.co.urgent() and not w.co.urgent()             # once per standby
     w.co.run_pass()
     assert len(w.co.state.recycle) == 1      # the second offender, through the new standby
+
+
+def test_warm_reload_whose_new_standby_fails_stops_at_once_and_the_old_workers_serve(tmp_path):
+    w = warm_world(tmp_path)
+    started_warm(w)
+    serving = {n: p for n, p in w.sup.running().items() if n in accepting(w)}
+    w.sup.fail_start.add("wiki_02")          # the new code does not import
+    w.sup.logs["wiki_02"] = "Traceback (most recent call last):\nImportError: broken v2\n"
+    rid = statefile.enqueue(w.dep.runtime_dir, {"op": "reload"})
+    for _ in range(6):                       # far less than recycle.ready_timeout (10 s)
+        w.passes(1)
+    res = statefile.result(w.dep.runtime_dir, rid)
+    assert res and not res["ok"] and "wiki_02 BACKOFF: ImportError: broken v2" in res["message"]
+    assert w.co.state.reload is None
+    assert {n: p for n, p in w.sup.running().items() if n in accepting(w)} == serving
