@@ -478,6 +478,9 @@ class Ours(_Supervised):
             "count = %d" % s.workers,
             "standby = %d" % s.extra.get("standby", 1),
             "max_slots = %d" % s.extra.get("max_slots", 0),
+            # Only when asked for: the product's default otherwise.
+            *(["warm_standby = %s" % ("true" if s.extra["warm_standby"] else "false")]
+              if "warm_standby" in s.extra else []),
             "threads = %d" % s.threads,
             'socket = %s' % json.dumps("unix://" + self.socket_path),
             'graceful_timeout = "10s"',

@@ -16,13 +16,19 @@ the limit to the first sample showing a new ready worker
 (:func:`limit_to_ready`, median and max).  It includes the detection
 itself, so it bounds detection-to-ready from above (by one sample, 0.1 s).
 
-Beside them, labelled tuned, ours with two standby slots and
-recycle.max_concurrent = 2 (both workers may be replaced at once) and
-limits.max_rss_hard one second of growth above the limit.
+Ours runs at its defaults (a warm standby takes over at once,
+``workers.warm_standby``) and, beside it, with ``warm_standby = false`` (the
+standby slot is started when a replacement is needed): the measurement that
+decides the default.  Beside them, labelled tuned, ours with two standby
+slots and recycle.max_concurrent = 2 (both workers may be replaced at once)
+and limits.max_rss_hard one second of growth above the limit.
 """
 from __future__ import annotations
 
+import glob
 import logging
+import os
+import re
 
 from bench.contenders import Spec
 from bench.scenario import Context, Result, Sampler, median, rss_of
@@ -39,12 +45,29 @@ MAX_RSS = 80 * MB
 RATES = (5 * MB, 20 * MB)      # growth per worker per second
 EVERY = 0.1
 TUNED = "ours tuned (standby 2, max_concurrent 2, max_rss_hard +1 s)"
+COLD = "ours warm_standby = false"
 
 COLUMNS = [("rate", "leak MB/s", "s"), ("contender", "contender", "s"),
            ("max_rss_mb", "peak RSS MB", ".1f"), ("over_pct", "% samples over limit", ".1f"),
            ("failed", "failed", "d"), ("requests", "requests", "d"),
            ("replacements", "recycles", "d"), ("ready_median_s", "limit-to-ready median s", ".2f"),
-           ("ready_max_s", "limit-to-ready max s", ".2f")]
+           ("ready_max_s", "limit-to-ready max s", ".2f"),
+           ("took_median_s", "ours: recycle begin-to-ready median s (watchdog log)", ".2f"),
+           ("took_max_s", "ours: recycle begin-to-ready max s", ".2f")]
+
+TOOK = re.compile(r"recycled worker=\S+ .* took=([\d.]+)s")
+
+
+def watchdog_took(contender) -> list[float]:
+    """Ours: each recycle's begin-to-ready as the watchdog logs it (``took=``); a
+    recycle begins at detection when a standby is free, later when it had to wait
+    for one (limit-to-ready includes that wait).  [] for other contenders."""
+    log_dir = os.path.join(getattr(contender, "runtime_dir", "") or "/nonexistent", "log")
+    out: list[float] = []
+    for path in glob.glob(os.path.join(log_dir, "*watchdog*.log")):
+        with open(path, encoding="utf-8", errors="replace") as f:
+            out += [float(m.group(1)) for m in TOOK.finditer(f.read())]
+    return out
 
 
 def limit_to_ready(samples: list, limit: int) -> list[float]:
@@ -81,14 +104,16 @@ def run(ctx: Context) -> Result:
     duration = 8.0 if ctx.smoke else ctx.duration * 12
     rates = RATES[:1] if ctx.smoke else RATES
     result.notes.append("limit %d MB, %.0f s of wrk load per leak rate and contender, defaults: "
-                        "ours recycle.flap_window 60 s, check_interval 1 s; uWSGI "
-                        "min-worker-lifetime 10 s; memmon on TICK_5" % (MAX_RSS // MB, duration))
+                        "ours recycle.flap_window 60 s, check_interval 1 s, a warm standby; "
+                        "uWSGI min-worker-lifetime 10 s; memmon on TICK_5" % (
+                            MAX_RSS // MB, duration))
     result.notes.append("limit-to-ready: first RSS sample over the limit to the first sample "
                         "with a new ready worker (samples every %.1f s)" % EVERY)
     for growth in rates:
         plan = []
         for label, kind, extra in ((BASELINE, "flup", {}),
                                    ("ours max_rss", "ours", {}),
+                                   (COLD, "ours", {"warm_standby": False}),
                                    ("uwsgi --reload-on-rss", "uwsgi",
                                     {"min_worker_lifetime": None}),
                                    (TUNED, "ours", {"standby": 2, "max_concurrent": 2,
@@ -103,13 +128,15 @@ def run(ctx: Context) -> Result:
             r = m["result"]
             values = [v for _, (rss, _) in s.samples for v in rss.values()]
             times = limit_to_ready(s.samples, MAX_RSS)
+            took = watchdog_took(c)
             row = {"rate": "%d" % (growth // MB), "contender": label, "failed": r.failed,
                    "requests": r.requests,
                    "max_rss_mb": max(values) / MB if values else None,
                    "over_pct": 100.0 * sum(1 for v in values if v > MAX_RSS) / len(values)
                    if values else None,
                    "replacements": m["replacements"], "ready_median_s": median(times),
-                   "ready_max_s": max(times) if times else None, "ready_all_s": times}
+                   "ready_max_s": max(times) if times else None, "ready_all_s": times,
+                   "took_median_s": median(took), "took_max_s": max(took) if took else None}
             log.info("%d MB/s %s: peak %.1f MB, %d failed, %d recycles, limit-to-ready %s",
                      growth // MB, label, row["max_rss_mb"] or 0, r.failed, m["replacements"],
                      ["%.2f" % t for t in times])

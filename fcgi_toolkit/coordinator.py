@@ -1,14 +1,14 @@
 """The one coordinator of the group: a thin orchestrator around pure decisions.
 
 Everything that starts or stops a worker goes through :class:`Coordinator`.
-Its triggers are the limits (:func:`fcgi_toolkit.policy.decide`), operator
-requests (``fcgi-toolkit recycle`` / ``reload``) and watched files
-(:class:`fcgi_toolkit.triggers.FileWatch`); each asks the policy's capacity
-guard and then calls the one :meth:`Coordinator.begin`.  A recycle then
-moves through :func:`fcgi_toolkit.recycle.advance`, one step per pass; the
-coordinator only saves each new step in the state file, carries out its
-effects through the :class:`~fcgi_toolkit.supervisord.Gateway`, and books
-the end (counters, backoff, answers, the reload's progress).
+Its triggers are the limits (:func:`fcgi_toolkit.policy.decide`, carried out
+by :mod:`fcgi_toolkit.watchdog_actions`), operator requests
+(:mod:`fcgi_toolkit.triggers`) and watched files (:mod:`fcgi_toolkit.watched`);
+each asks the policy's capacity guard and then calls the one
+:meth:`Coordinator.begin`.  A recycle then moves through
+:func:`fcgi_toolkit.recycle.advance`, one step per pass, in the shell of
+:mod:`fcgi_toolkit.recycle_runner`.  The managed nginx is started after the
+first ready worker (:mod:`fcgi_toolkit.nginx_start`).
 
 Nothing here blocks: :meth:`Coordinator.run_pass` samples the group once,
 advances every operation by what the snapshot shows and issues non-waiting
@@ -17,9 +17,9 @@ event.  An operation is in the state file before the RPC that moves it, so a
 listener killed at any point resumes it after a restart.
 
 Between passes the listener calls :meth:`Coordinator.urgent` every
-:data:`RSS_POLL` seconds (only with ``limits.max_rss``): it reads the RSS
-each worker publishes in its scoreboard slot and asks for a pass at once
-when one is over the limit.
+:meth:`Coordinator.poll_interval` seconds (:mod:`fcgi_toolkit.rss_poll`): it
+reads the RSS each worker publishes in its scoreboard slot and asks for a
+pass at once when one is over the limit.
 
 While supervisord shuts down or restarts (``getState``, or a SHUTDOWN_STATE
 fault) the coordinator stands by: no recycle begins or moves, nothing is
@@ -30,7 +30,6 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
-import sys
 import time
 import xmlrpc.client
 from dataclasses import dataclass, field, replace
@@ -38,20 +37,20 @@ from typing import Any, Callable, Optional
 
 from supervisor.states import ProcessStates
 
-from fcgi_toolkit import applying, names, policy, recycle, statefile
-from fcgi_toolkit.names import format_duration, format_size
+from fcgi_toolkit import names, policy, statefile
+from fcgi_toolkit.names import format_duration
+from fcgi_toolkit.nginx_start import NginxStart
 from fcgi_toolkit.policy import Limits, Memory, Recycle, Snapshot
-from fcgi_toolkit.recycle import Operation, Phase, StartProcess
+from fcgi_toolkit.recycle_runner import RecycleRunner
+from fcgi_toolkit.reloads import RollingReload
+from fcgi_toolkit.rss_poll import RssPoll
 from fcgi_toolkit.statefile import Life
 from fcgi_toolkit.supervisord import CommandFailed, Gateway
-from fcgi_toolkit.reloads import RollingReload
 from fcgi_toolkit.triggers import FileWatch, OperatorRequests
+from fcgi_toolkit.watched import WatchedFiles
 from fcgi_toolkit.watchdog_actions import ActionRunner
 
 log = logging.getLogger("fcgi_toolkit.watchdog")
-
-#: Seconds between two fast polls of the workers' published RSS.
-RSS_POLL = 0.1
 
 
 @dataclass
@@ -63,6 +62,8 @@ class Recall:
     alarmed: dict[str, tuple] = field(default_factory=dict)        # slot -> (pid, rss_time)
     held_logged: set[int] = field(default_factory=set)
     ready_seen: set[int] = field(default_factory=set)             # replacement pids polled ready
+    promoted: set[int] = field(default_factory=set)               # standby pids told to accept
+    warm_seen: set[int] = field(default_factory=set)              # standby pids polled warm
     fatal_seen: set[str] = field(default_factory=set)
     waiting_logged: set[str] = field(default_factory=set)          # request ids
     reload_stalled_since: Optional[float] = None
@@ -75,6 +76,8 @@ class Recall:
         self.killed &= alive
         self.held_logged &= alive
         self.ready_seen &= alive
+        self.promoted &= alive
+        self.warm_seen &= alive
 
 
 class Coordinator:
@@ -90,12 +93,9 @@ class Coordinator:
         self.sampler = sampler
         self.clock = clock
         self.deploy_path = dep.path
-        self.spawn = spawn
-        self.applying: Optional[Any] = None     # the Popen of an apply of the watched deploy file
         # The managed nginx (autostart=false) waits for the first ready worker.
-        self.nginx_waiting = names.nginx_program(dep.name) if (
-            dep.nginx.managed and not dep.multi_host) else ""
-        self.nginx_since: Optional[float] = None
+        self.nginx = NginxStart(self, names.nginx_program(dep.name) if (
+            dep.nginx.managed and not dep.multi_host) else "")
         self.limits = Limits.from_deployment(dep)
         self.check_interval = dep.recycle.check_interval
         self.ready_timeout = dep.recycle.ready_timeout
@@ -108,10 +108,13 @@ class Coordinator:
         self.actions = ActionRunner(self)
         self.requests = OperatorRequests(self)
         self.reloads = RollingReload(self)
+        self.recycles = RecycleRunner(self)
+        self.watched = WatchedFiles(self, spawn)
+        self.rss_poll = RssPoll(self)
         self.last_snapshot: Optional[Snapshot] = None
         self.standing_by = False
         self._saved: Optional[dict] = None
-        self._ops_changed = False
+        self.ops_changed = False      # an operation failed in this pass (its snapshot is stale)
         for name in self.slot_names:
             life = self.state.slot(name).life
             if life is not None:
@@ -170,43 +173,22 @@ class Coordinator:
 
     # -- for the listener ----------------------------------------------------
     def busy(self) -> bool:
-        """Whether a recycle or a reload is in progress (the listener polls faster)."""
-        return bool(self.state.recycle) or self.state.reload is not None or self.watch.pending
+        """Whether a recycle, a reload, a promotion or nginx's start is in progress,
+        or a recycle failed in the last pass (its slots are set right next): the
+        listener polls faster."""
+        return (bool(self.state.recycle) or self.state.reload is not None or self.watch.pending
+                or bool(self.recall.promoted) or bool(self.nginx.waiting) or self.ops_changed)
 
     def interval(self) -> float:
         return min(self.check_interval, 0.25) if self.busy() else self.check_interval
 
     def poll_interval(self) -> float:
         """Seconds between fast polls of the scoreboard (0: no fast poll)."""
-        if not self.limits.max_rss or self.sampler.scoreboard is None:
-            return 0.0
-        return min(RSS_POLL, self.check_interval)
+        return self.rss_poll.interval()
 
     def urgent(self) -> bool:
         """Whether a worker's published RSS asks for a full pass now (memory reads only)."""
-        last, board = self.last_snapshot, self.sampler.scoreboard
-        if last is None or board is None or not self.limits.max_rss or self.standing_by:
-            return False
-        if self._replacement_ready(board):
-            return True
-        records = {slot.name: board.read(slot.index) for slot in last.slots if slot.pid}
-        alarms = policy.rss_alarms(last, records, self.limits, self.memory())
-        for alarm in alarms:
-            self.recall.alarmed[alarm.slot] = (alarm.pid, alarm.rss_time)
-            log.info("%s pid %d published rss %s > %s: checking now", alarm.slot, alarm.pid,
-                     format_size(alarm.rss), format_size(self.limits.max_rss))
-        return bool(alarms)
-
-    def _replacement_ready(self, board: Any) -> bool:
-        """Whether a replacement being waited for says ready in its slot (once per pid)."""
-        for op in self.state.recycle.values():
-            if op.phase != Phase.STARTING:
-                continue
-            rec = board.read(self.slot_names.index(op.new_slot))
-            if rec is not None and rec.ready and rec.pid not in self.recall.ready_seen:
-                self.recall.ready_seen.add(rec.pid)
-                return True
-        return False
+        return self.rss_poll.urgent()
 
     def memory(self) -> Memory:
         """What the policy needs to know of the state and the recall."""
@@ -235,24 +217,19 @@ class Coordinator:
         self.last_snapshot = snap
         if self.standing_by:
             return snap
-        self._ops_changed = False
-        if self.applying is not None and self.applying.poll() is not None:
-            self.applying = None                # reaped: the apply has answered
+        self.ops_changed = False
         try:
-            self._start_nginx(snap, now)
+            self.nginx.step(snap, now)
             self._observe(snap, now)
-            for op in list(self.state.recycle.values()):
-                self._step(op, *recycle.advance(op, snap, now, self.ready_timeout,
-                                                self.state.busy()), now=now)
+            self.recycles.advance_all(snap, now)
             self.requests.serve(snap, now)
-            if self.watch.due(now, may_fire=self.state.reload is None):
-                self._watched_change(snap, now, self.watch.take_changed())
+            self.watched.serve(snap, now)
             self.reloads.advance(snap, now)
             ops_before = bool(self.state.recycle)
             for action in policy.decide(snap, now, self.limits, self.memory()):
                 self.actions.carry_out(action, snap, now)
             # Reconcile only on a snapshot no operation has made stale in this pass.
-            if not ops_before and not self.state.recycle and not self._ops_changed:
+            if not ops_before and not self.state.recycle and not self.ops_changed:
                 for action in policy.reconcile(snap, now, self.limits, self.memory()):
                     self.actions.carry_out(action, snap, now)
         except (OSError, xmlrpc.client.ProtocolError) as exc:
@@ -260,46 +237,6 @@ class Coordinator:
         finally:
             self.save()
         return snap
-
-    def _watched_change(self, snap: Snapshot, now: float, changed: set[str]) -> None:
-        """A watched file changed: the deployment file is applied (``fcgi-toolkit
-        apply`` in a child process, which asks this coordinator back); any
-        other file means a rolling reload."""
-        if self.deploy_path in changed:
-            if self.applying is None:
-                log.info("deployment file %s changed: applying it", self.deploy_path)
-                # stdout is the event protocol: the child writes to our log (stderr).
-                self.applying = self.spawn(applying.apply_command(self.deploy_path),
-                                           stdin=subprocess.DEVNULL, stdout=sys.stderr)
-            else:
-                self.watch.changed.add(self.deploy_path)   # again after this apply
-                self.watch.changed_at = now
-            changed = changed - {self.deploy_path}
-        if changed:
-            self.reloads.begin(snap, now, "watch")
-
-    def _start_nginx(self, snap: Snapshot, now: float) -> None:
-        """Start the managed nginx once a worker accepts (before: a 502), or
-        after recycle.ready_timeout without one (workers that write no
-        scoreboard, a broken app: nginx must not stay down silently)."""
-        if not self.nginx_waiting:
-            return
-        if self.nginx_since is None:
-            self.nginx_since = now
-        if not snap.ready_count():
-            if now - self.nginx_since < self.ready_timeout:
-                return
-            log.warning("no worker ready after %s: starting %s anyway",
-                        format_duration(now - self.nginx_since), self.nginx_waiting)
-        try:
-            self.gateway.start_program(self.nginx_waiting)
-        except CommandFailed as exc:
-            if exc.shutting_down:
-                return self.stand_by()
-            log.error("cannot start %s: %s", self.nginx_waiting, exc)
-        else:
-            log.info("%s started: a worker accepts", self.nginx_waiting)
-        self.nginx_waiting = ""
 
     def stand_by(self, shutting_down: bool = True) -> None:
         """Stop acting while supervisord shuts down (logged once, not as an error)."""
@@ -320,6 +257,8 @@ class Coordinator:
                         slot.pid, slot.create_time, slot.max_requests, slot.max_age))
                 if slot.record is not None and policy.breaches(slot, self.limits):
                     self.recall.first_breach.setdefault(slot.pid, now)
+            if slot.accepting:
+                self.recall.promoted.discard(slot.pid)
             if slot.ready and history.fails:
                 self.state.update_slot(slot.name, fails=0)
             if slot.state == ProcessStates.FATAL and slot.name not in busy:
@@ -339,86 +278,5 @@ class Coordinator:
     # -- recycles ---------------------------------------------------------------
     def begin(self, action: Recycle, snap: Snapshot, now: float, origin: str,
               request: Optional[str] = None) -> None:
-        """The one way a recycle begins (the limits, an operator, a reload step).
-
-        ``action`` comes from the policy's capacity guard: it names the
-        offender and its replacement slot."""
-        offender = snap.get(action.slot)
-        op, effects = recycle.begin(offender, action.slot, action.replacement, action.reason,
-                                    action.kind, origin, now, request, action.flapping)
-        if action.flapping:
-            until = self.state.flap([n for n in (op.offender, op.replacement) if n], now)
-            self.state.update_slot(op.offender, flapping=True)
-            log.error("%s pid %d is flapping: %s, %s; recycling it, then backing off %s."
-                      " Fresh workers break this limit: raise the limit or fix the app.",
-                      op.offender, op.old_pid, op.reason,
-                      policy.flap_evidence(offender, op.kind, self.limits),
-                      format_duration(until - now))
-        log.info("recycle begins worker=%s pid=%d reason=%r origin=%s replacement=%s",
-                 op.offender, op.old_pid, op.reason, origin, op.new_slot)
-        self._step(None, op, effects, now=now)
-
-    def _step(self, before: Optional[Operation], op: Operation, effects: list,
-              now: float) -> None:
-        """Save ``op`` (or book its end), then carry out its effects."""
-        if op.final:
-            self._conclude(op, now)
-        elif op != before:
-            self.state.recycle[op.offender] = op
-            self.save()         # before the RPC: a restarted listener resumes from here
-        for effect in effects:
-            try:
-                if isinstance(effect, StartProcess):
-                    self.gateway.start(effect.slot)
-                else:
-                    self.gateway.stop(effect.slot)
-            except CommandFailed as exc:
-                if exc.shutting_down:
-                    return self.stand_by()
-                if not op.final:
-                    return self._step(op, *recycle.fail(op, "%s: %s" % (effect.slot, exc)),
-                                      now=now)
-                log.warning("cannot stop failed replacement %s: %s", effect.slot, exc)
-            except OSError as exc:
-                if not op.final:
-                    raise
-                log.warning("cannot stop failed replacement %s: %s", effect.slot, exc)
-
-    def _conclude(self, op: Operation, now: float) -> None:
-        self._ops_changed = True
-        self.state.recycle.pop(op.offender, None)
-        if op.phase == Phase.DONE:
-            self._done(op, now)
-        else:
-            self._failed(op, now)
-        self.save()
-
-    def _done(self, op: Operation, now: float) -> None:
-        self.state.count(op.offender, op.kind, op.reason, now)
-        took = op.took if op.took is not None else now - op.start_issued
-        log.info("recycled worker=%s old_pid=%d replacement=%s new_pid=%d reason=%r took=%.2fs"
-                 " origin=%s", op.offender, op.old_pid, op.new_slot, op.new_pid, op.reason, took,
-                 op.origin)
-        if op.origin == "watchdog" and not op.flapping and op.kind in policy.FLAP_KINDS:
-            self.state.flap_level = 0
-        if op.request:
-            statefile.answer(self.runtime_dir, op.request, True, "%s replaced: pid %d -> %s pid"
-                             " %d, replacement ready in %.1fs" % (
-                                 op.offender, op.old_pid, op.new_slot, op.new_pid, took))
-        if op.origin == "reload" and self.state.reload:
-            self.state.reload = replace(self.state.reload, replaced=self.state.reload.replaced + 1)
-
-    def _failed(self, op: Operation, now: float) -> None:
-        failure = op.failure
-        why = failure.why
-        if failure.log_of:
-            why += ": " + self.gateway.read_error(failure.log_of, failure.description)
-        self.backoff(op.new_slot, now, "replacement failed: %s" % why)
-        if failure.phase == Phase.STARTING:
-            log.error("recycle of %s (%s) abandoned; %s pid %d keeps serving", op.offender,
-                      op.reason, op.offender, op.old_pid)
-        message = "recycle of %s failed: %s" % (op.offender, why)
-        if op.request:
-            statefile.answer(self.runtime_dir, op.request, False, message)
-        if op.origin == "reload":
-            self.reloads.end(False, message)
+        """The one way a recycle begins (the limits, an operator, a reload step)."""
+        self.recycles.begin(action, snap, now, origin, request)

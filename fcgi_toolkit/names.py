@@ -155,3 +155,8 @@ def request_wait(dep: Any, op: str) -> float:
     for the watchdog's answer: one replacement, times the worker count for a
     reload, plus slack."""
     return recycle_time(dep) * (dep.workers.count if op == "reload" else 1) + REQUEST_SLACK
+
+
+#: The signal (supervisord's name) that tells a warm standby to accept; the
+#: worker's handler only sets a flag (:mod:`fcgi_toolkit.worker`).
+PROMOTE_SIGNAL = "USR2"

@@ -42,6 +42,12 @@ class Limits:
     slow_request: float = 0.0
     max_concurrent: int = 1
     flap_window: float = 60.0
+    warm: bool = False           # workers.warm_standby (with standby > 0): standbys run
+
+    @property
+    def running_slots(self) -> int:
+        """Processes the group runs: count (+ standby when the standbys are warm)."""
+        return self.count + self.standby if self.warm else self.count
 
     def usable(self, slot: "SlotSnapshot") -> bool:
         """Whether a worker may start in ``slot``: the first count + standby
@@ -57,7 +63,8 @@ class Limits:
                    max_age=dep.limits.max_age, request_timeout=dep.limits.request_timeout,
                    slow_request=dep.limits.slow_request,
                    max_concurrent=dep.recycle.max_concurrent,
-                   flap_window=dep.recycle.flap_window)
+                   flap_window=dep.recycle.flap_window,
+                   warm=dep.workers.warm_standby and dep.workers.standby > 0)
 
 
 @dataclass(frozen=True)
@@ -106,8 +113,21 @@ class SlotSnapshot:
     @property
     def ready(self) -> bool:
         """RUNNING, and its own scoreboard slot says it accepts requests."""
-        return (self.state == ProcessStates.RUNNING and self.record is not None
-                and self.record.ready and not self.record.draining)
+        return self.state == ProcessStates.RUNNING and self.accepting
+
+    @property
+    def accepting(self) -> bool:
+        """Its own scoreboard slot says it accepts requests (not draining), while
+        supervisord says RUNNING or still STARTING (within ``startsecs``)."""
+        return (self.state in (ProcessStates.RUNNING, ProcessStates.STARTING)
+                and self.record is not None and self.record.ready and not self.record.draining)
+
+    @property
+    def warm(self) -> bool:
+        """A warm standby: the app is imported, it accepts nothing until promoted."""
+        return (self.state in (ProcessStates.RUNNING, ProcessStates.STARTING)
+                and self.record is not None and self.record.standby
+                and not self.record.draining)
 
     @property
     def requests(self) -> int:
@@ -134,6 +154,9 @@ class Snapshot:
 
     def ready_count(self) -> int:
         return sum(1 for s in self.slots if s.ready)
+
+    def accepting_count(self) -> int:
+        return sum(1 for s in self.slots if s.accepting)
 
     def active_count(self) -> int:
         return sum(1 for s in self.slots if s.active)
@@ -170,6 +193,7 @@ class Recycle:
     severity: float
     flapping: bool = False
     replacement: Optional[str] = None
+    warm: bool = False               # the replacement is a warm standby: promote it
 
 
 @dataclass(frozen=True)
@@ -222,12 +246,20 @@ class Start:
 
 
 @dataclass(frozen=True)
+class Promote:
+    """Tell ``slot``'s warm standby to start accepting (SIGUSR2)."""
+    slot: str
+    pid: int
+    reason: str
+
+
+@dataclass(frozen=True)
 class Stop:
     slot: str
     reason: str
 
 
-Action = Union[Recycle, Hold, HardStop, Kill, DumpStacks, Start, Stop]
+Action = Union[Recycle, Hold, HardStop, Kill, DumpStacks, Start, Stop, Promote]
 
 
 @dataclass(frozen=True)
@@ -316,7 +348,8 @@ def hard_stops(snapshot: Snapshot, limits: Limits, memory: Memory) -> list[HardS
     out = []
     for slot in sorted(snapshot.slots, key=lambda s: -s.latest_rss):
         if (not _watched(slot) or slot.state != ProcessStates.RUNNING or slot.record.draining
-                or slot.latest_rss <= limits.max_rss_hard or slot.pid in memory.killed):
+                or slot.warm or slot.latest_rss <= limits.max_rss_hard
+                or slot.pid in memory.killed):
             continue
         if not ready - {slot.name}:
             continue
@@ -338,6 +371,19 @@ class Room:
     recycles: int
     standby: tuple[str, ...] = ()    # free standby slots, lowest first (standby > 0 only)
     why: str = ""                    # why none may begin (recycles == 0)
+    warm: bool = False               # the standby slots hold warm standbys (promote them)
+
+
+def takes_over(slot: SlotSnapshot, snapshot: Snapshot) -> bool:
+    """Whether ``slot``'s warm standby may be promoted now.
+
+    A RUNNING one may.  One supervisord still calls STARTING may only while
+    two other workers are ready: the offender stops once the promoted one
+    accepts (:func:`fcgi_toolkit.recycle.ready_early`), and if the new one
+    then exits within ``startsecs`` the other keeps serving."""
+    if not slot.warm:
+        return False
+    return slot.state == ProcessStates.RUNNING or snapshot.ready_count() >= 2
 
 
 def capacity(snapshot: Snapshot, now: float, limits: Limits, memory: Memory,
@@ -354,6 +400,14 @@ def capacity(snapshot: Snapshot, now: float, limits: Limits, memory: Memory,
     if room <= 0:
         return Room(0, why="%d recycle(s) already in progress (recycle.max_concurrent = %d)" % (
             memory.operations, limits.max_concurrent))
+    if limits.warm:
+        free = tuple(s.name for s in sorted(snapshot.slots, key=lambda s: s.index)
+                     if takes_over(s, snapshot) and s.name not in memory.busy
+                     and s.name != offender and limits.usable(s)
+                     and memory.backoff_until.get(s.name, 0.0) <= now)
+        if not free:
+            return Room(0, why="no warm standby is ready to take over yet")
+        return Room(min(room, len(free)), free, warm=True)
     if limits.standby > 0:
         free = tuple(s.name for s in sorted(snapshot.slots, key=lambda s: s.index)
                      if s.startable and s.name not in memory.busy and limits.usable(s)
@@ -377,7 +431,7 @@ def admit(snapshot: Snapshot, now: float, limits: Limits, memory: Memory, slot: 
         return Wait(slot, room.why)
     found = snapshot.get(slot)
     return Recycle(slot, found.pid if found else 0, reason, kind, 1.0,
-                   replacement=room.standby[0] if room.standby else None)
+                   replacement=room.standby[0] if room.standby else None, warm=room.warm)
 
 
 def reload_refusal(limits: Limits) -> Optional[str]:
@@ -411,8 +465,8 @@ def decide(snapshot: Snapshot, now: float, limits: Limits, memory: Memory) -> li
             acted.add(slot.name)
             continue
         if (slot.state != ProcessStates.RUNNING or slot.name in memory.busy
-                or slot.record.draining):
-            continue
+                or slot.record.draining or slot.warm):
+            continue                # a warm standby is judged once it serves
         found = breaches(slot, limits)
         if not found:
             continue
@@ -429,7 +483,8 @@ def decide(snapshot: Snapshot, now: float, limits: Limits, memory: Memory) -> li
 
     candidates.sort(key=lambda r: (-r.severity, r.slot))
     room = capacity(snapshot, now, limits, memory)
-    recycles: list[Action] = [replace(r, replacement=room.standby[i] if room.standby else None)
+    recycles: list[Action] = [replace(r, replacement=room.standby[i] if room.standby else None,
+                                      warm=room.warm)
                               for i, r in enumerate(candidates[:room.recycles])]
     acted.update(r.slot for r in recycles)
 
@@ -466,7 +521,7 @@ def rss_alarms(last: Snapshot, records: Mapping[str, Optional[SlotRecord]], limi
     for slot in last.slots:
         rec = records.get(slot.name)
         if (rec is None or slot.state != ProcessStates.RUNNING or slot.name in memory.busy
-                or rec.draining or rec.rss <= limits.max_rss
+                or rec.draining or rec.standby or rec.rss <= limits.max_rss
                 or not is_live(rec, slot.pid, slot.create_time)
                 or slot.pid in memory.first_breach
                 or memory.alarmed.get(slot.name) == (rec.pid, rec.rss_time)):
@@ -476,27 +531,43 @@ def rss_alarms(last: Snapshot, records: Mapping[str, Optional[SlotRecord]], limi
 
 
 def reconcile(snapshot: Snapshot, now: float, limits: Limits, memory: Memory) -> list[Action]:
-    """Start or stop slots so that exactly ``count`` are active.
+    """Start or stop slots so that exactly ``limits.running_slots`` are active,
+    and (warm standbys) promote or stop so that exactly ``count`` accept.
 
     Nothing is done while a recycle is in progress (it owns the extra slot).
     Starts take the lowest-numbered startable slots not backing off; a
     STOPPING slot is never started.  Stops take the highest-numbered active
-    slots and are graceful.
+    slots (with warm standbys: the extra serving ones, then the highest
+    non-serving ones) and are graceful.  Promotions take the lowest-numbered
+    RUNNING warm standbys, then those still STARTING.
     """
     if memory.operations:
         return []
     active = [s for s in snapshot.slots if s.active]
-    missing = limits.count - len(active)
+    why = "%d of %d workers active" % (len(active), limits.running_slots)
+    actions: list[Action] = []
+    stopping: set[str] = set()
+    if limits.warm:
+        serving = sorted((s for s in snapshot.slots if s.accepting), key=lambda s: s.index)
+        said = "%d of %d workers serving" % (len(serving), limits.count)
+        if len(serving) > limits.count:
+            extra = serving[limits.count:]
+            actions += [Stop(s.name, said) for s in extra]
+            stopping = {s.name for s in extra}
+        else:
+            # RUNNING standbys first: one still in startsecs may yet fail to start.
+            warm = sorted((s for s in snapshot.slots if s.warm and s.name not in memory.busy),
+                          key=lambda s: (s.state != ProcessStates.RUNNING, s.index))
+            actions += [Promote(s.name, s.pid, said) for s in warm[:limits.count - len(serving)]]
+    missing = limits.running_slots - (len(active) - len(stopping))
     if missing > 0:
         free = [s for s in sorted(snapshot.slots, key=lambda s: s.index)
                 if s.startable and s.name not in memory.busy and limits.usable(s)
                 and memory.backoff_until.get(s.name, 0.0) <= now]
-        return [Start(s.name, "%d of %d workers active" % (len(active), limits.count))
-                for s in free[:missing]]
-    if missing < 0:
-        extra = sorted(active, key=lambda s: -s.index)[:-missing]
-        return [Stop(s.name, "%d of %d workers active" % (len(active), limits.count))
-                for s in extra]
-    return []
-
-
+        actions += [Start(s.name, why) for s in free[:missing]]
+    elif missing < 0:
+        promoted = {a.slot for a in actions}
+        spare = [s for s in active if s.name not in stopping and s.name not in promoted
+                 and not (limits.warm and s.accepting)]
+        actions += [Stop(s.name, why) for s in sorted(spare, key=lambda s: -s.index)[:-missing]]
+    return actions

@@ -4,6 +4,8 @@ A recycle replaces one worker (the *offender*) while holding capacity::
 
     with a standby slot (workers.standby > 0):
         STARTING --(replacement ready)--> STOPPING --(offender gone)--> DONE
+    (with workers.warm_standby, STARTING promotes a warm standby, SIGUSR2,
+    instead of starting a process: it is ready as soon as it accepts)
     without (workers.standby = 0; another worker must be ready):
         STOPPING_FIRST --(offender stopped)--> RESTARTING --(ready)--> DONE
     and from STARTING / RESTARTING, when the new worker does not come up
@@ -13,7 +15,7 @@ A recycle replaces one worker (the *offender*) while holding capacity::
 :func:`begin` makes an :class:`Operation`, :func:`advance` moves it by what
 one :class:`~fcgi_toolkit.policy.Snapshot` shows, :func:`fail` ends it on an
 RPC fault.  Each returns the new operation and the effects the shell must
-carry out (:class:`StartProcess`, :class:`StopProcess`), in order, *after*
+carry out (:class:`StartProcess`, :class:`PromoteProcess`, :class:`StopProcess`), in order, *after*
 it has saved the new operation in the state file: a listener killed at any
 point finds the operation in the file and :func:`advance` resumes it
 (a lost start or stop is issued again).  Nothing here does I/O.
@@ -90,6 +92,7 @@ class Operation:
     flapping: bool = False
     took: Optional[float] = None     # start to ready, once the new worker is ready
     failure: Optional[Failure] = None
+    warm: bool = False               # the replacement is a warm standby, promoted
 
     @property
     def new_slot(self) -> str:
@@ -105,7 +108,7 @@ class Operation:
                 "phase": self.phase.value, "old_pid": self.old_pid, "new_pid": self.new_pid,
                 "reason": self.reason, "kind": self.kind, "origin": self.origin,
                 "request": self.request, "flapping": self.flapping, "began": self.began,
-                "start_issued": self.start_issued, "took": self.took}
+                "start_issued": self.start_issued, "took": self.took, "warm": self.warm}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "Operation":
@@ -120,7 +123,7 @@ class Operation:
                    kind=str(data.get("kind", "")), origin=str(data.get("origin", "watchdog")),
                    request=data.get("request") or None, flapping=bool(data.get("flapping")),
                    began=float(data["began"]), start_issued=float(data["start_issued"]),
-                   took=None if took is None else float(took))
+                   took=None if took is None else float(took), warm=bool(data.get("warm")))
 
 
 @dataclass(frozen=True)
@@ -154,7 +157,17 @@ class StopProcess:
     slot: str
 
 
-Effect = Union[StartProcess, StopProcess]
+@dataclass(frozen=True)
+class PromoteProcess:
+    """Tell ``slot``'s warm standby to accept (SIGUSR2; idempotent)."""
+    slot: str
+
+
+Effect = Union[StartProcess, StopProcess, PromoteProcess]
+
+#: A promoted standby still waiting after this many seconds is told again
+#: (the signal was lost: a listener killed between saving and signalling).
+PROMOTE_AGAIN = 0.5
 Step = tuple[Operation, list[Effect]]
 
 
@@ -170,15 +183,16 @@ def _to(op: Operation, phase: Phase, **changes: Any) -> Operation:
 
 def begin(offender: Optional[SlotSnapshot], offender_name: str, replacement: Optional[str],
           reason: str, kind: str, origin: str, now: float, request: Optional[str] = None,
-          flapping: bool = False) -> Step:
-    """A new recycle of ``offender_name`` (its snapshot ``offender``, None if not listed)."""
+          flapping: bool = False, warm: bool = False) -> Step:
+    """A new recycle of ``offender_name`` (its snapshot ``offender``, None if not listed);
+    ``warm``: ``replacement`` holds a warm standby, promoted instead of started."""
     op = Operation(offender=offender_name, replacement=replacement,
                    phase=Phase.STARTING if replacement else Phase.STOPPING_FIRST,
                    old_pid=offender.pid if offender else 0, reason=reason, kind=kind,
                    origin=origin, began=now, start_issued=now, request=request,
-                   flapping=flapping)
+                   flapping=flapping, warm=bool(replacement) and warm)
     if replacement:
-        return op, [StartProcess(replacement)]
+        return op, [PromoteProcess(replacement) if op.warm else StartProcess(replacement)]
     return op, [StopProcess(offender_name)]
 
 
@@ -197,8 +211,7 @@ def ready_early(new: SlotSnapshot, snapshot: Snapshot, busy: AbstractSet[str]) -
     other worker keeps the fcgi-program's socket open and keeps serving.
     Without one (workers.count = 1) the replacement waits for RUNNING.
     """
-    if not (new.state == ProcessStates.STARTING and new.pid and new.record is not None
-            and new.record.ready and not new.record.draining):
+    if not (new.state == ProcessStates.STARTING and new.pid and new.accepting):
         return False
     return any(s.ready and s.name not in busy for s in snapshot.slots)
 
@@ -253,8 +266,14 @@ def _advance_start(op: Operation, new: Optional[SlotSnapshot], offender: Optiona
         # STARTING/RESTARTING -> FAILED
         return fail(op, Failure("%s not ready within %s (recycle.ready_timeout)" % (
             name, format_duration(ready_timeout)), name, new.description))
+    if new.state == ProcessStates.STOPPED and op.warm:
+        # STARTING -> FAILED
+        return fail(op, Failure("warm standby %s stopped before it took over" % name, name,
+                                new.description))
     if new.state == ProcessStates.STOPPED:
         return op, [StartProcess(name)]     # the start was lost (listener killed): again
+    if op.warm and new.warm and now - op.start_issued >= PROMOTE_AGAIN:
+        return op, [PromoteProcess(name)]   # the signal was lost (listener killed): again
     return op, []
 
 

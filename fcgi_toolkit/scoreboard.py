@@ -46,6 +46,7 @@ assert _FORMAT.size <= SLOT_SIZE
 
 READY = 1
 DRAINING = 2
+STANDBY = 4
 
 METHOD_MAX = 16
 URI_MAX = 152
@@ -76,6 +77,7 @@ class SlotRecord:
     rss: int = 0            # resident bytes the worker last published (0: never)
     rss_time: float = 0.0   # epoch when it measured them
     baseline: int = 0       # resident bytes near its start (see BASELINE_REQUESTS; 0: unknown)
+    standby: bool = False   # a warm standby: the app is imported, it waits (not accepting)
 
     def request_age(self, now: float) -> float:
         """Seconds the oldest in-flight request has been running (0 if none)."""
@@ -197,13 +199,21 @@ class SlotWriter:
             return None
 
     def set_ready(self, ready: bool = True) -> None:
+        """The worker accepts (``ready``) or not; either way it is no standby any more."""
+        self._set_flags(READY if ready else 0, baseline=ready)
+
+    def set_standby(self) -> None:
+        """The app is imported; the worker waits as a warm standby (not accepting)."""
+        self._set_flags(STANDBY, baseline=True)
+
+    def _set_flags(self, flags: int, baseline: bool) -> None:
         sample = self._measure_rss(self._clock(), force=True)
         with self._lock:
             if sample:
                 self._rss, self._rss_time = sample
-                if ready:
+                if baseline:
                     self._baseline = self._rss
-            self._flags = (self._flags | READY) if ready else (self._flags & ~READY)
+            self._flags = (self._flags & ~(READY | STANDBY)) | flags
             self._publish()
 
     def set_draining(self) -> None:
@@ -288,7 +298,7 @@ class Scoreboard:
                           req_id=req_id, last_duration=last_duration,
                           method=method.rstrip(b"\0").decode("latin-1"),
                           uri=uri.rstrip(b"\0").decode("latin-1"), rss=rss, rss_time=rss_time,
-                          baseline=baseline)
+                          baseline=baseline, standby=bool(flags & STANDBY))
 
     def read_all(self) -> list[Optional[SlotRecord]]:
         return [self.read(i) for i in range(self.slots)]

@@ -99,7 +99,12 @@ REGISTRY: tuple[Setting, ...] = (
     Setting("workers", "count", positive_int, 2,
             "Workers serving at all times."),
     Setting("workers", "standby", non_negative_int, 1,
-            "Extra slots used to start a replacement before its predecessor stops."),
+            "Extra workers that take over from a recycled worker before it stops (warm standbys;"
+            " stopped slots with warm_standby = false)."),
+    Setting("workers", "warm_standby", boolean_value, True,
+            "Standby workers run with the app imported, accepting nothing, and take over at"
+            " once (SIGUSR2) when a worker is recycled; false: a standby slot stays stopped"
+            " until a replacement starts in it (no memory held, ~1 s slower recycles)."),
     Setting("workers", "max_slots", non_negative_int, 0,
             "Process slots supervisord has (numprocs); workers.count and workers.standby can "
             "then grow up to it with `apply`; 0: workers.count + workers.standby.", 8),
@@ -235,7 +240,7 @@ APPLIED_BY: Mapping[str, Applied] = MappingProxyType({
         "recycle.watch", "recycle.debounce")},
     **{key: Applied.ROLLING for key in (
         "app.wsgi", "app.environment", "workers.threads", "workers.idle_timeout",
-        "workers.debug", "web.path_info")},
+        "workers.debug", "workers.warm_standby", "web.path_info")},
     **{key: Applied.COUNT for key in ("workers.count", "workers.standby")},
     **{key: Applied.NGINX for key in (
         "nginx.listen", "nginx.server_name", "nginx.location", "nginx.static",

@@ -16,7 +16,8 @@ State file (``Deployment.state_path``, JSON, replaced atomically)::
                                    "origin": "watchdog" | "operator" | "reload",
                                    "request": null | ID, "flapping": false,
                                    "began": EPOCH, "start_issued": EPOCH,
-                                   "took": null | SECONDS}},
+                                   "took": null | SECONDS,
+                                   "warm": false}},     # the replacement is a promoted warm standby
      "reload": null | {"request": null | ID, "origin": "operator" | "watch",
                        "old_pids": {"wiki_00": 123, ...}, "began": EPOCH, "replaced": 0},
      "flap_level": 0}

@@ -54,7 +54,9 @@ class HostStatus:
 
     @property
     def running(self) -> int:
-        return sum(1 for w in self.workers if w.supervisor_state == "RUNNING")
+        """Workers RUNNING, warm standbys aside (the host's fcgi.status() tells
+        them apart; from supervisord's view alone a standby counts as running)."""
+        return sum(1 for w in self.workers if w.supervisor_state == "RUNNING" and w.state != "warm")
 
 
 @dataclass(frozen=True)

@@ -29,14 +29,15 @@ if TYPE_CHECKING:  # the sampler imports psutil: only when gathering
 
 # Every value of WorkerView.state, in the order an operator reads them.
 STATES: dict[str, str] = {
-    "ready": "running, app imported, no request in flight",
+    "ready": "accepting, no request in flight (supervisord may still say STARTING)",
     "running": "running on a remote host (readiness is in that host's scoreboard)",
-    "busy": "running and serving at least one request",
+    "busy": "accepting and serving at least one request",
+    "warm": "warm standby: running, app imported, accepting nothing until it takes over",
     "draining": "asked to stop: finishing in-flight requests, accepting none",
     "flapping": "over a limit from its start (a replacement would be); backs off",
     "starting": "started, app not imported yet (or no scoreboard slot yet)",
     "backoff": "failed to start; supervisord or the watchdog will retry",
-    "standby": "stopped spare slot used for graceful replacement",
+    "standby": "stopped spare slot (workers.warm_standby = false, or between a recycle and its restart)",
     "stopped": "stopped while the group runs fewer than workers.count",
     "exited": "exited unexpectedly; supervisord restarts it",
     "fatal": "could not be started; needs the operator",
@@ -147,16 +148,18 @@ def derive_state(supervisor_state: int, record: Optional[SlotRecord], slot_state
     """
     flapping = bool(slot_state.get("flapping"))
     backoff = _number(slot_state.get("backoff_until")) > now
-    if supervisor_state == ProcessStates.RUNNING:
-        if record is None or not record.ready:
+    if supervisor_state in (ProcessStates.RUNNING, ProcessStates.STARTING):
+        # What the worker says of itself decides, as for the watchdog
+        # (SlotSnapshot.accepting / .warm): within startsecs it may accept already.
+        if record is None or not (record.ready or record.standby):
             return "starting"
         if record.draining:
             return "draining"
+        if record.standby:
+            return "warm"
         if flapping:
             return "flapping"
         return "busy" if record.inflight else "ready"
-    if supervisor_state == ProcessStates.STARTING:
-        return "starting"
     if supervisor_state == ProcessStates.STOPPING:
         return "draining"
     if supervisor_state == ProcessStates.BACKOFF:
@@ -206,7 +209,7 @@ def worker_view(name: str, snap: Optional["SlotSnapshot"], slot_state: Mapping[s
         recycles=int(_number(slot_state.get("recycles"))),
         last_reason=str(slot_state.get("last_reason") or "") or None,
         last_recycle_time=_number(slot_state.get("last_time")) or None,
-        serving=probed and snap.ready,       # the watchdog's one "is ready" fact
+        serving=probed and snap.accepting,   # the watchdog's one "accepts" fact
         by_reason={str(k): int(_number(v)) for k, v in by_reason.items()},
     )
 

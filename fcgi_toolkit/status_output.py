@@ -13,9 +13,10 @@ from fcgi_toolkit.status_local import GroupStatus, worker_json
 
 
 def summary_line(status: GroupStatus) -> str:
-    standby = sum(1 for w in status.workers if w.state == "standby")
+    standby = sum(1 for w in status.workers if w.state in ("standby", "warm"))
+    warm = sum(1 for w in status.workers if w.state == "warm")
     parts = ["%s: %d/%d workers ready" % (status.group, status.ready, status.count),
-             "%d standby" % standby,
+             "%d standby" % standby + (" (%d warm)" % warm if warm else ""),
              "%d recycle%s" % (status.recycles, "" if status.recycles == 1 else "s")]
     last = max((w for w in status.workers if w.last_recycle_time),
                key=lambda w: w.last_recycle_time or 0.0, default=None)

@@ -33,27 +33,34 @@ from supervisor.xmlrpc import Faults
 from fcgi_toolkit import generations, names, nginxctl, render, scoreboard
 from fcgi_toolkit.switch_plan import (DrainFailed, Phase, SwitchFailed, added_group,
                                       all_stopped, check_start)
-from fcgi_toolkit.names import STARTABLE_STATES
+from fcgi_toolkit.names import PROMOTE_SIGNAL, STARTABLE_STATES
 from fcgi_toolkit.settings import ConfigError, Deployment
 
 #: Files of the web server the switch re-renders.
 NGINX_FILES = ("nginx.conf", "nginx-site.conf")
 #: Seconds beyond stopwaitsecs a stopping process has to reach STOPPED.
 STOP_MARGIN = 10.0
+#: Seconds after which a new worker still waiting as a standby is signalled again.
+PROMOTE_AGAIN = 1.0
 
 
 # --------------------------------------------------------------------------
 # The shell
 # --------------------------------------------------------------------------
 
-def scoreboard_ready(dep: Deployment) -> dict[str, int]:
-    """{slot name: pid} of the slots whose scoreboard record says ready (not draining)."""
+def scoreboard_ready(dep: Deployment, standby: bool = False) -> dict[str, int]:
+    """{slot name: pid} of the slots whose scoreboard record says ready (not
+    draining); with ``standby``, of those waiting as warm standbys instead."""
     board = scoreboard.Scoreboard(dep.scoreboard_path, dep.slots)
     try:
         return {name: rec.pid for name, rec in zip(dep.slot_names(), board.read_all())
-                if rec is not None and rec.ready and not rec.draining}
+                if rec is not None and (rec.standby if standby else rec.ready and not rec.draining)}
     finally:
         board.close()
+
+
+def scoreboard_standby(dep: Deployment) -> dict[str, int]:
+    return scoreboard_ready(dep, standby=True)
 
 
 def notify_watchdog(dep: Deployment, out: Any) -> Optional[str]:
@@ -74,6 +81,7 @@ class Switcher:
     def __init__(self, old: Deployment, new: Deployment, rpc: Any, out: Any,
                  host: Optional[render.Host] = None,
                  ready: Callable[[Deployment], Mapping[str, int]] = scoreboard_ready,
+                 standby: Callable[[Deployment], Mapping[str, int]] = scoreboard_standby,
                  reload_nginx: Optional[Callable[[Deployment], Any]] = None,
                  nginx_done: Optional[Callable[[Deployment, Any], Optional[str]]] = None,
                  notify: Callable[[Deployment, Any], Optional[str]] = notify_watchdog,
@@ -81,7 +89,7 @@ class Switcher:
                  sleep: Callable[[float], None] = time.sleep):
         self.old, self.new, self.rpc, self.out = old, new, rpc, out
         self.host = host or render.Host.probe(new)
-        self.ready = ready
+        self.ready, self.standby = ready, standby
         self.reload_nginx = reload_nginx or (
             lambda dep: nginxctl.reload(dep, self.rpc, self.host.nginx_binary))
         self.nginx_done = nginx_done or nginxctl.wait_old_gone
@@ -176,7 +184,9 @@ class Switcher:
         self.say("generation %d: started %s on %s, waiting for them to be ready",
                  new.generation_number, ", ".join(slots), new.socket_url)
         began = self.clock()
+        promoted: dict[int, float] = {}     # pid -> when SIGUSR2 was sent
         while True:
+            self.promote(slots, promoted)
             verdict = check_start(slots, self.infos(new.group), self.ready(new),
                                   self.clock() - began, new.recycle.ready_timeout)
             if verdict.ready:
@@ -185,6 +195,17 @@ class Switcher:
                 raise SwitchFailed("generation %d: %s: %s" % (
                     new.generation_number, verdict.failed, self.error_of(verdict.failed)))
             self.sleep(0.05)
+
+    def promote(self, slots: list, promoted: dict) -> None:
+        """With workers.warm_standby every new worker waits as a standby: tell
+        each started slot's to accept (SIGUSR2), again after a second if it
+        still waits (a signal sent before its handler was installed)."""
+        now = self.clock()
+        for slot, pid in self.standby(self.new).items():
+            if slot in slots and now - promoted.get(pid, -PROMOTE_AGAIN) >= PROMOTE_AGAIN:
+                promoted[pid] = now
+                self.call("signalProcess", "%s:%s" % (self.new.group, slot), PROMOTE_SIGNAL,
+                          ok=(Faults.NOT_RUNNING,))
 
     def error_of(self, failed: str) -> str:
         """The failing slot's last error line from its log."""

@@ -160,6 +160,8 @@ class OperatorRequests:
             refusal = "%s is already being replaced" % name
         elif slot.state != ProcessStates.RUNNING:
             refusal = "%s is not running (%s)" % (name, slot.statename)
+        elif slot.warm:
+            refusal = "%s is a warm standby (it serves nothing); `reload` replaces it" % name
         if refusal:
             return statefile.answer(self.co.runtime_dir, request_id, False, refusal)
         decision = policy.admit(snap, now, self.co.limits, self.co.memory(), name,

@@ -13,7 +13,9 @@ import logging
 from typing import Any, Callable
 
 from fcgi_toolkit import policy
-from fcgi_toolkit.policy import DumpStacks, HardStop, Hold, Kill, Recycle, Snapshot, Start, Stop
+from fcgi_toolkit.names import PROMOTE_SIGNAL
+from fcgi_toolkit.policy import (DumpStacks, HardStop, Hold, Kill, Promote, Recycle, Snapshot,
+                                 Start, Stop)
 from fcgi_toolkit.supervisord import CommandFailed
 
 log = logging.getLogger("fcgi_toolkit.watchdog")
@@ -25,8 +27,9 @@ class ActionRunner:
     def __init__(self, coordinator: Any):
         self.co = coordinator
         self._handlers: dict[type, Callable[[Any, Snapshot, float], None]] = {
-            Recycle: self._recycle, HardStop: self._hard_stop, Kill: self._kill, DumpStacks: self._dump, Hold: self._hold,
-            Start: self._start, Stop: self._stop}
+            Recycle: self._recycle, HardStop: self._hard_stop, Kill: self._kill,
+            DumpStacks: self._dump, Hold: self._hold, Start: self._start, Stop: self._stop,
+            Promote: self._promote}
 
     def carry_out(self, action: Any, snap: Snapshot, now: float) -> None:
         if self.co.standing_by:
@@ -76,6 +79,12 @@ class ActionRunner:
     def _start(self, action: Start, snap: Snapshot, now: float) -> None:
         log.info("starting %s: %s", action.slot, action.reason)
         self.co.gateway.start(action.slot)
+
+    def _promote(self, action: Promote, snap: Snapshot, now: float) -> None:
+        log.info("promoting the warm standby %s pid %d: %s", action.slot, action.pid,
+                 action.reason)
+        self.co.recall.promoted.add(action.pid)     # the next passes come sooner
+        self.co.gateway.signal(action.slot, PROMOTE_SIGNAL)
 
     def _stop(self, action: Stop, snap: Snapshot, now: float) -> None:
         log.info("stopping %s: %s", action.slot, action.reason)

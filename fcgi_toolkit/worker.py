@@ -12,6 +12,11 @@ Signals (handlers only set flags; the main loop does the rest):
   keep-alive connections, clear the scoreboard slot, exit 0.  Past
   ``workers.graceful_timeout`` exit 1 with a log line naming the cut requests.
 * SIGUSR1: dump every thread's Python stack to stderr (faulthandler).
+* SIGUSR2: a warm standby takes over: it starts accepting.  With
+  ``workers.warm_standby`` (and ``workers.standby`` > 0) every worker starts
+  as a warm standby: it imports the app, says so in its scoreboard slot and
+  accepts nothing until the watchdog sends SIGUSR2 (a serving worker ignores
+  it).
 
 supervisord's death is a SIGTERM too (:mod:`fcgi_toolkit.lifeline`: the
 parent-death signal, and a watch on the parent pid), so a worker whose
@@ -35,7 +40,7 @@ import traceback
 from typing import Callable
 
 from fcgi_toolkit import lifeline, settings
-from fcgi_toolkit.names import slot_name
+from fcgi_toolkit.names import PROMOTE_SIGNAL, slot_name
 
 log = logging.getLogger("fcgi_toolkit.worker")
 
@@ -43,6 +48,8 @@ EXIT_DRAINED = 0
 EXIT_DEADLINE = 1
 EXIT_CONFIG = 2
 EXIT_IMPORT = 3
+
+TAKE_OVER = getattr(signal, "SIG" + PROMOTE_SIGNAL)   # SIGUSR2
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -122,6 +129,8 @@ def run(args: argparse.Namespace) -> int:
     early_stop: list = []
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: early_stop.append(signum))
+    early_take_over: list = []     # SIGUSR2's default action would end the process
+    signal.signal(TAKE_OVER, lambda signum, frame: early_take_over.append(signum))
     lifeline.guard(signal.SIGTERM, dep.supervisord_pidfile)
 
     try:
@@ -144,7 +153,8 @@ def run(args: argparse.Namespace) -> int:
             log.error("cannot import the application %s:\n%s", dep.app.wsgi,
                       traceback.format_exc().rstrip())
             return EXIT_IMPORT
-        code = serve(app, listener, dep, slot, stop_requested=bool(early_stop))
+        code = serve(app, listener, dep, slot, stop_requested=bool(early_stop),
+                     standby=warm_standby(dep) and not early_take_over)
     finally:
         slot.clear()
         logging.shutdown()
@@ -164,8 +174,15 @@ def _exit_past_deadline(slot) -> None:
     os._exit(EXIT_DEADLINE)
 
 
-def serve(app: Callable, listener: socket.socket, dep, slot, stop_requested: bool = False) -> int:
-    """Serve until SIGTERM/SIGINT, then drain; returns the exit status."""
+def warm_standby(dep) -> bool:
+    """Whether a fresh worker starts as a warm standby (the watchdog promotes it)."""
+    return dep.workers.warm_standby and dep.workers.standby > 0
+
+
+def serve(app: Callable, listener: socket.socket, dep, slot, stop_requested: bool = False,
+          standby: bool = False) -> int:
+    """Serve until SIGTERM/SIGINT, then drain; returns the exit status.  With
+    ``standby``, wait as a warm standby until SIGUSR2 first."""
     from fcgi_toolkit.flupfix import WSGIServer
 
     workers = dep.workers
@@ -179,7 +196,11 @@ def serve(app: Callable, listener: socket.socket, dep, slot, stop_requested: boo
     def on_stop(signum: int, frame) -> None:
         server.request_stop()   # a flag; set_wakeup_fd wakes the main loop
 
+    def on_take_over(signum: int, frame) -> None:
+        server.request_take_over()   # a flag; set_wakeup_fd wakes the standby's wait
+
     previous = {sig: signal.signal(sig, on_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous[TAKE_OVER] = signal.signal(TAKE_OVER, on_take_over)
     old_wakeup = signal.set_wakeup_fd(server.wake_fd, warn_on_full_buffer=False)
     if stop_requested:
         server.request_stop()
@@ -189,9 +210,14 @@ def serve(app: Callable, listener: socket.socket, dep, slot, stop_requested: boo
         log.info("serving %s on %s with %d thread(s)", dep.app.wsgi,
                  _describe(listener), workers.threads)
 
+    def on_standby() -> None:
+        slot.set_standby()
+        log.info("warm standby: %s imported, waiting for SIGUSR2 to accept", dep.app.wsgi)
+
     try:
         return server.serve(listener, on_ready=on_ready, on_drain=slot.set_draining,
-                            on_deadline=lambda: _exit_past_deadline(slot))
+                            on_deadline=lambda: _exit_past_deadline(slot),
+                            on_standby=on_standby if standby else None)
     finally:
         signal.set_wakeup_fd(old_wakeup)
         for sig, handler in previous.items():

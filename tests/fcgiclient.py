@@ -322,8 +322,10 @@ _deploy_counter = itertools.count()
 def write_deploy(tmp_path, name: str = "conf", wsgi: str = "conformance:application",
                  directory: str = APPS, environment: Optional[dict] = None, **workers) -> str:
     """A deploy.toml for a test worker; ``workers`` are [workers] keys."""
+    # A worker alone (no watchdog to promote it) serves at once unless a test
+    # asks for warm_standby.
     settings = {"threads": 2, "idle_timeout": "5s", "graceful_timeout": "10s", "count": 1,
-                "standby": 1}
+                "standby": 1, "warm_standby": False}
     settings.update(workers)
     lines = ["[app]", 'name = "%s"' % name, 'wsgi = "%s"' % wsgi,
              'directory = "%s"' % directory]
@@ -461,7 +463,8 @@ class Spawner:
     (default: FCGI_TOOLKIT_SERVER).  Our worker is always waited for until
     its scoreboard says ready; bare flup6 has no scoreboard and is probed with
     a request, which ``ready=False`` skips (for a worker that refuses the
-    test client, e.g. through FCGI_WEB_SERVER_ADDRS).
+    test client, e.g. through FCGI_WEB_SERVER_ADDRS).  A warm standby
+    (``warm_standby=True``) is not waited for: it accepts nothing until SIGUSR2.
     """
 
     def __init__(self, tmp_path):
@@ -478,7 +481,7 @@ class Spawner:
         deploy = write_deploy(self.tmp_path, **workers_settings)
         w = WorkerProcess(deploy, listener, slot=slot, env=env, kind=server)
         self.workers.append(w)
-        if ready or w.kind != "flup":
+        if (ready or w.kind != "flup") and not workers_settings.get("warm_standby"):
             w.wait_ready()
         return w
 

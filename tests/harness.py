@@ -11,7 +11,8 @@ A Cluster writes ``deploy.toml`` (sections merged from the keyword
 arguments over the harness defaults), renders it with fcgi_toolkit.render,
 starts ``supervisord -n`` in its own session, and waits (bounded) until the
 watchdog listener has ``workers.count`` workers RUNNING whose scoreboard
-slots say ready, and nginx accepts.  ``stop()`` (also on ``__exit__`` and
+slots say ready, and nginx accepts (and, with warm standbys, the
+``workers.standby`` standbys say so in their slots: the steady state).  ``stop()`` (also on ``__exit__`` and
 on a failed start) shuts supervisord down, waits, then kills every process
 it started that is still alive, and removes the runtime dir.
 
@@ -316,6 +317,8 @@ class Cluster:
             wait_for(self._rpc_up, 20, "supervisord's control socket")
             if self.wait_ready_on_start:
                 self.wait_ready()
+                if self.dep.workers.warm_standby and self.dep.workers.standby:
+                    self.wait_warm()
         except BaseException:
             self.stop()
             raise
@@ -338,6 +341,17 @@ class Cluster:
         states = (ProcessStates.RUNNING, ProcessStates.STARTING) if starting else (
             ProcessStates.RUNNING,)
         self._remember()
+        return self._workers_whose_slot(states, lambda rec: rec.ready)
+
+    def warm_workers(self) -> dict[str, int]:
+        """{slot name: pid} of warm standbys: running (or within startsecs), the
+        app imported, their live scoreboard slot says standby (they accept nothing)."""
+        return self._workers_whose_slot((ProcessStates.RUNNING, ProcessStates.STARTING),
+                                        lambda rec: rec.standby)
+
+    def _workers_whose_slot(self, states: tuple, says: Callable[[Any], bool]) -> dict[str, int]:
+        """{slot name: pid} of workers in ``states`` whose live, not draining
+        scoreboard slot ``says`` so."""
         board = scoreboard.Scoreboard(self.dep.scoreboard_path, self.dep.slots)
         try:
             out = {}
@@ -346,11 +360,22 @@ class Cluster:
                 if not info or info["state"] not in states:
                     continue
                 rec = board.read(i)
-                if rec and rec.ready and not rec.draining and rec.pid == info["pid"]:
+                if rec and says(rec) and not rec.draining and rec.pid == info["pid"]:
                     out[slot] = info["pid"]
             return out
         finally:
             board.close()
+
+    def wait_warm(self, count: Optional[int] = None, timeout: Optional[float] = None) -> dict[str, int]:
+        """Wait until ``count`` (default workers.standby) warm standbys wait."""
+        count = self.dep.workers.standby if count is None else count
+
+        def warm():
+            workers = self.warm_workers()
+            return workers if len(workers) >= count else None
+
+        return wait_for(warm, self.ready_timeout if timeout is None else timeout,
+                        "%d warm standby workers" % count)
 
     def wait_ready(self, count: Optional[int] = None, timeout: Optional[float] = None) -> dict[str, int]:
         """Wait until ``count`` (default workers.count) workers are ready and nginx accepts."""
@@ -452,7 +477,7 @@ class Cluster:
         return self._infos()
 
     def pids(self) -> dict[str, int]:
-        """{slot name: pid} of RUNNING workers."""
+        """{slot name: pid} of RUNNING workers (serving ones and warm standbys)."""
         self._remember()
         return {n: i["pid"] for n, i in self._infos().items() if i["state"] == ProcessStates.RUNNING}
 

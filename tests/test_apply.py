@@ -138,7 +138,7 @@ def test_a_bad_file_given_to_apply_changes_nothing_and_exits_2(tmp_path):
 def _world_with_file(tmp_path, **sections):
     w = World(tmp_path, **sections)
     data = {"app": {"name": "wiki", "wsgi": "app:application"},
-            "workers": {"count": 2, "standby": 1},
+            "workers": {"count": 2, "standby": 1, "warm_standby": w.dep.workers.warm_standby},
             "recycle": {"check_interval": 1, "ready_timeout": 10, "flap_window": 5},
             "runtime": {"dir": str(tmp_path / "run")}}
     return w, data
@@ -206,7 +206,7 @@ def test_a_watched_deployment_file_is_applied_once_debounced_other_files_reload(
         def poll(self):
             return 0
 
-    w.co.spawn = Child
+    w.co.watched.spawn = Child
     deploy, version = str(tmp_path / "deploy.toml"), str(tmp_path / "version.txt")
     w.files = {deploy: (1, 10), version: (1, 1)}
     w.started()

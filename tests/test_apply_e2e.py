@@ -140,7 +140,9 @@ def _active(c):
 def test_count_2_3_2_and_standby_1_2_without_a_group_restart_zero_failures(cluster):
     c = cluster("core_app:application", name="cnt", recycle=dict(FAST),
                 workers={"threads": 1, "max_slots": 5})
-    assert len(c.process_info()) == 5 and len(_active(c)) == 2
+    # Two serving and the warm standby run; slots 03 and 04 are spare.
+    assert len(c.process_info()) == 5 and len(_active(c)) == 3
+    assert len(c.ready_workers()) == 2 and len(c.warm_workers()) == 1
     load = c.load(SLOW, threads=64, duration=90).start()
     try:
         wait_for(lambda: load.total >= 64, 20, "the load to be served before apply")
@@ -152,12 +154,13 @@ def test_count_2_3_2_and_standby_1_2_without_a_group_restart_zero_failures(clust
         c.edit(workers={"count": 2})
         r = c.toolkit("apply", "-c", c.deploy_path, timeout=60)
         assert r.returncode == 0, r.stdout + r.stderr
-        wait_for(lambda: len(_active(c)) == 2, 30, "count back to 2")
+        wait_for(lambda: len(_active(c)) == 3 and len(c.ready_workers()) == 2, 30,
+                 "count back to 2 (and the warm standby)")
         c.edit(workers={"standby": 2})
         r = c.toolkit("apply", "-c", c.deploy_path, timeout=60)
         assert r.returncode == 0, r.stdout + r.stderr
-        wait_for(lambda: [w["state"] for w in c.status_json()["workers"]].count("standby") == 2, 20,
-                 "two standby slots")
+        wait_for(lambda: [w["state"] for w in c.status_json()["workers"]].count("warm") == 2, 20,
+                 "two warm standbys")
     finally:
         load.stop()
         load.join()
@@ -174,4 +177,4 @@ def test_count_2_3_2_and_standby_1_2_without_a_group_restart_zero_failures(clust
     assert r.returncode == 0 and "generation 1 -> 2" in r.stdout, r.stdout + r.stderr
     c.follow_generation()
     assert c.dep.group == "cnt_g2" and len(c.process_info()) == 6
-    wait_for(lambda: len(_active(c)) == 4, 30, "four workers of generation 2")
+    wait_for(lambda: len(c.ready_workers()) == 4, 30, "four serving workers of generation 2")

@@ -98,19 +98,27 @@ def test_supervisorctl_status_and_restart_replaces_one_worker(cluster):
     status = wait_for(lambda: (lambda s: s if s.count("RUNNING") >= 4 else None)(c.ctl("status")),
                       10, "two workers, the watchdog and nginx RUNNING")
     assert "core:core_00" in status and "core:core_01" in status
-    before = c.pids()
-    assert set(before) == {"core_00", "core_01"}
+    # Two workers serve; the third slot is the warm standby (running, accepting nothing).
+    before = c.ready_workers()
+    [(spare, spare_pid)] = c.warm_workers().items()
+    assert len(before) == 2 and set(c.pids()) == {"core_00", "core_01", "core_02"} == (
+        set(before) | {spare})
+    victim, other = sorted(before)
 
-    out = c.ctl("restart", "core:core_00")
-    assert "core_00: started" in out, out
-    after = c.wait_ready()
-    assert after["core_01"] == before["core_01"], "the other worker was left alone"
-    assert after["core_00"] != before["core_00"], "core_00 was replaced"
+    out = c.ctl("restart", "core:" + victim)
+    assert "%s: started" % victim in out, out
+    # The warm standby took over at once; the restarted slot is the next standby.
+    after = wait_for(lambda: (lambda r: r if set(r) == {other, spare} else None)(
+        c.ready_workers()), 20, "%s and the promoted %s serving" % (other, spare))
+    assert after[other] == before[other], "the other worker was left alone"
+    assert after[spare] == spare_pid, "the standby serves, not restarted"
+    new_standby = c.wait_warm()
+    assert new_standby[victim] != before[victim], "%s was replaced" % victim
     assert c.get("/").status == 200
 
     r = c.toolkit("run", "-c", c.deploy_path)
     assert r.returncode == 1 and "already running" in r.stderr
-    assert c.pids() == after
+    assert c.ready_workers() == after and c.warm_workers() == new_standby
 
 
 def _slot_serving(c, uri):
@@ -160,10 +168,14 @@ def test_scoreboard_shows_requests_and_inflight(cluster):
     c = cluster()
     for _ in range(12):
         assert c.get("/").status == 200
-    records = [r for r in c.scoreboard() if r is not None]
+    every = [r for r in c.scoreboard() if r is not None]
+    records = [r for r in every if not r.standby]
     assert len(records) == 2
     assert sum(r.requests for r in records) == 12
     assert all(r.ready and not r.draining and r.inflight == 0 for r in records)
+    # The warm standby's slot: the app imported, not accepting, nothing served.
+    [warm] = [r for r in every if r.standby]
+    assert not warm.ready and warm.requests == 0
 
     t = threading.Thread(target=lambda: c.get("/sleep?s=2", timeout=30))
     t.start()

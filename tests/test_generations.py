@@ -195,6 +195,11 @@ class FakeSupervisor:
         del self.groups[group]
         return True
 
+    def signalProcess(self, namespec, signame):
+        self.calls.append(("signalProcess", namespec, signame))
+        self._slot(namespec)
+        return True
+
     def readProcessStdoutLog(self, namespec, offset, length):
         return "Traceback...\nModuleNotFoundError: No module named 'nope'\n"
 
@@ -250,6 +255,36 @@ def test_switch_steps_new_group_ready_then_nginx_then_watchdog_then_old_one_at_a
     site = open(os.path.join(dep.runtime_dir, "nginx-site.conf")).read()
     assert new.socket_path in site
     assert os.path.exists(new.scoreboard_path) and not os.path.exists(old.scoreboard_path)
+
+
+def test_new_workers_that_wait_as_warm_standbys_are_told_to_accept(tmp_path):
+    """workers.warm_standby: a started worker waits until SIGUSR2; the switch
+    sends it to each started slot's standby, again while it still waits, and
+    counts the slot only once it is ready."""
+    dep, old, new, sup, events, sw = _switch_world(tmp_path)
+    waiting = {}          # slot -> how many looks it stays a standby after its signal
+
+    def ready(view):
+        running = {n: pid for n, (st, pid) in sup.groups.get(view.group, {}).items() if st == RUNNING}
+        return {n: pid for n, pid in running.items() if view.group != new.group or waiting.get(n) == 0}
+
+    def standby(view):
+        out = {}
+        for n, pid in ((n, pid) for n, (st, pid) in sup.groups.get(view.group, {}).items()
+                       if st == RUNNING):
+            signalled = sum(1 for c in sup.calls if c[:2] == ("signalProcess", "%s:%s" % (view.group, n)))
+            if signalled < 2:       # the first signal is lost (sent before its handler)
+                out[n] = pid
+            else:
+                waiting[n] = 0
+        return out
+
+    sw.ready, sw.standby = ready, standby
+    sw.run()
+    signals = [c for c in sup.calls if c[0] == "signalProcess"]
+    assert signals == [("signalProcess", "wiki_g2:wiki_g2_00", "USR2"),
+                       ("signalProcess", "wiki_g2:wiki_g2_01", "USR2")] * 2
+    assert set(sup.groups) == {"wiki_g2"}
 
 
 def test_a_new_generation_that_does_not_start_is_rolled_back_and_the_old_one_untouched(tmp_path):

@@ -59,6 +59,8 @@ class FakeSupervisor:
         self.next_pid = 1000
         self.default_rss = 20 * MB
         self.supervisor_state = SupervisorStates.RUNNING
+        self.warm = False       # workers.warm_standby: a started worker waits for SIGUSR2
+        self.baseline = False   # records publish a baseline (the RSS at start)
 
     def _name(self, spec):
         group, _, name = spec.partition(":")
@@ -110,6 +112,9 @@ class FakeSupervisor:
     def signalProcess(self, spec, sig):
         self.calls.append(("signalProcess", spec, sig))
         p = self.procs[self._name(spec)]
+        rec = self.board.get(self.index[p["name"]])
+        if sig == "USR2" and rec is not None and rec.standby:
+            self.board[self.index[p["name"]]] = _replace(rec, ready=True, standby=False)
         if sig == "KILL":
             # autorestart=true: supervisord starts it again.
             self.board.pop(self.index[p["name"]], None)
@@ -136,7 +141,9 @@ class FakeSupervisor:
                     p["state"] = PS.BACKOFF
                 else:
                     p["state"] = PS.RUNNING
-                    self.board[i] = _record(i, p["pid"], self.created[p["pid"]])
+                    self.board[i] = _record(i, p["pid"], self.created[p["pid"]],
+                                            ready=not self.warm, standby=self.warm,
+                                            baseline=self.rss[p["pid"]] if self.baseline else 0)
             elif p["state"] == PS.STOPPING:
                 p.update(state=PS.STOPPED, pid=0)
                 self.board.pop(i, None)
@@ -200,7 +207,9 @@ class FakeRPC:
 
 def make_dep(tmp_path, **sections):
     data = {"app": {"name": "wiki", "wsgi": "app:application"},
-            "workers": {"count": 2, "standby": 1},
+            # Cold standby (a stopped slot started for a replacement) unless a
+            # test asks for warm_standby (tests named *warm*).
+            "workers": {"count": 2, "standby": 1, "warm_standby": False},
             "recycle": {"check_interval": 1, "ready_timeout": 10, "flap_window": 5},
             "nginx": {"managed": False},
             "runtime": {"dir": str(tmp_path / "run")}}
@@ -217,6 +226,7 @@ class World:
         self.dep = make_dep(tmp_path, **sections)
         self.clock = Clock()
         self.sup = FakeSupervisor("wiki", self.dep.slot_names(), self.clock)
+        self.sup.warm = Limits.from_deployment(self.dep).warm
         self.files: dict = {}
         self.new_coordinator()
 
@@ -744,3 +754,10 @@ def test_without_a_ready_worker_nginx_starts_after_ready_timeout_with_a_warning(
     w.passes(20)
     assert w.sup.calls.count(nginx) == 1
     assert "no worker ready after" in caplog.text
+
+
+def test_nginx_is_due_after_a_ready_worker_or_after_ready_timeout_without_one():
+    from fcgi_toolkit.nginx_start import nginx_due
+    assert not nginx_due(0, 4.9, 5.0)
+    assert nginx_due(1, 0.0, 5.0)
+    assert nginx_due(0, 5.0, 5.0)

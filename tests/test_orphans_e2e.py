@@ -123,7 +123,9 @@ def _workers(kind: str) -> dict:
 def test_supervisord_sigkill_leaves_nothing_and_run_starts_again(cluster, runs, kind, start_at_once):
     c = cluster(workers=_workers(kind))
     before = descendants(c.proc.pid)
-    assert kinds(c.dep, before).count("worker") == 2 and "watchdog" in kinds(c.dep, before)
+    # Two serving workers and the warm standby: three worker processes.
+    assert kinds(c.dep, before).count("worker") == 3 and "watchdog" in kinds(c.dep, before)
+    assert len(c.ready_workers()) == 2 and len(c.warm_workers()) == 1
     assert "nginx" in kinds(c.dep, before)
 
     result = {}

@@ -7,8 +7,8 @@ from dataclasses import replace
 from supervisor.states import ProcessStates
 
 from fcgi_toolkit import names, policy
-from fcgi_toolkit.policy import (DumpStacks, HardStop, Hold, Kill, Limits, Memory, Recycle, SlotSnapshot,
-                                 Snapshot, Start, Stop)
+from fcgi_toolkit.policy import (DumpStacks, HardStop, Hold, Kill, Limits, Memory, Promote, Recycle,
+                                 SlotSnapshot, Snapshot, Start, Stop)
 from fcgi_toolkit.sampler import Sampler
 from fcgi_toolkit.scoreboard import SlotRecord
 
@@ -18,11 +18,11 @@ RUNNING, STOPPED, STOPPING = ProcessStates.RUNNING, ProcessStates.STOPPED, Proce
 
 
 def record(index, pid, requests=0, inflight=0, req_start=0.0, req_id=0, method="GET", uri="/",
-           ready=True, draining=False, baseline=0):
+           ready=True, draining=False, baseline=0, standby=False):
     return SlotRecord(slot=index, pid=pid, started=NOW - 1000, requests=requests,
                       inflight=inflight, ready=ready, draining=draining, req_start=req_start,
                       req_id=req_id, last_duration=0.0, method=method, uri=uri,
-                      baseline=baseline)
+                      baseline=baseline, standby=standby)
 
 
 def worker(index, rss=10 * MB, requests=0, age=1000.0, max_requests=0, max_age=0.0,
@@ -417,3 +417,91 @@ def test_a_reload_needs_a_standby_or_a_second_worker():
     assert policy.reload_refusal(Limits(count=1, standby=0)).startswith("a rolling reload needs")
     assert policy.reload_refusal(Limits(count=1, standby=1)) is None
     assert policy.reload_refusal(Limits(count=2, standby=0)) is None
+
+
+# -- warm standby ------------------------------------------------------------------
+
+WARM = replace(LIMITS, warm=True)
+
+
+def standby(index, state=RUNNING, **kw):
+    return worker(index, state=state, ready=False, standby=True, **kw)
+
+
+def test_warm_recycle_promotes_the_warm_standby_instead_of_starting_a_slot():
+    s = snap(worker(0, rss=301 * MB), worker(1), standby(2))
+    [action] = policy.decide(s, NOW, WARM, Memory())
+    assert action == Recycle("wiki_00", 100, "rss 301MB > 256MB", "rss", 301 / 256, False,
+                             replacement="wiki_02", warm=True)
+
+
+def test_warm_recycle_waits_without_a_warm_standby():
+    for third in (stopped(2), worker(2, state=ProcessStates.STARTING, ready=False),
+                  standby(2, draining=True)):
+        s = snap(worker(0, rss=301 * MB), worker(1), third)
+        assert policy.decide(s, NOW, WARM, Memory()) == []
+        room = policy.capacity(s, NOW, WARM, Memory())
+        assert room.recycles == 0 and "warm standby" in room.why
+
+
+def test_warm_standby_still_starting_takes_over_only_while_two_others_are_ready():
+    s = snap(worker(0, rss=301 * MB), worker(1), standby(2, state=ProcessStates.STARTING))
+    assert policy.capacity(s, NOW, WARM, Memory()).standby == ("wiki_02",)
+    lone = replace(WARM, count=1)
+    s1 = snap(worker(0, rss=301 * MB), standby(1, state=ProcessStates.STARTING))
+    assert policy.capacity(s1, NOW, lone, Memory()).recycles == 0
+
+
+def test_warm_standby_is_never_judged_nor_hard_stopped_nor_alarmed():
+    limits = replace(WARM, max_rss_hard=400 * MB, max_age=10.0)
+    s = snap(worker(0), worker(1), standby(2, rss=500 * MB, age=1000.0))
+    assert policy.decide(s, NOW, limits, Memory()) == []
+    rec = replace(s.slots[2].record, rss=500 * MB, rss_time=NOW)
+    assert policy.rss_alarms(s, {"wiki_02": rec}, limits, Memory()) == []
+
+
+def test_warm_standby_is_not_its_own_replacement():
+    s = snap(worker(0), worker(1), standby(2))
+    assert isinstance(policy.admit(s, NOW, WARM, Memory(), "wiki_02", "x", "operator"),
+                      policy.Wait)
+
+
+def test_warm_reconcile_runs_count_plus_standby_and_promotes_count():
+    s = snap(stopped(0), stopped(1), stopped(2))
+    assert policy.reconcile(s, NOW, WARM, Memory()) == [
+        Start("wiki_00", "0 of 3 workers active"), Start("wiki_01", "0 of 3 workers active"),
+        Start("wiki_02", "0 of 3 workers active")]
+    s = snap(standby(0), standby(1), standby(2))
+    assert policy.reconcile(s, NOW, WARM, Memory()) == [
+        Promote("wiki_00", 100, "0 of 2 workers serving"),
+        Promote("wiki_01", 101, "0 of 2 workers serving")]
+    assert policy.reconcile(snap(worker(0), worker(1), standby(2)), NOW, WARM, Memory()) == []
+
+
+def test_warm_reconcile_after_a_recycle_starts_the_offenders_slot_as_the_next_standby():
+    s = snap(stopped(0), worker(1), worker(2))
+    assert policy.reconcile(s, NOW, WARM, Memory()) == [Start("wiki_00", "2 of 3 workers active")]
+    backing_off = Memory(backoff_until={"wiki_00": NOW + 5})
+    assert policy.reconcile(s, NOW, WARM, backing_off) == []
+
+
+def test_warm_reconcile_stops_extra_serving_workers_then_extra_standbys():
+    lower = replace(WARM, count=1)
+    s = snap(worker(0), worker(1), standby(2))
+    assert policy.reconcile(s, NOW, lower, Memory()) == [Stop("wiki_01", "2 of 1 workers serving")]
+    s = snap(worker(0), standby(1), standby(2))
+    assert policy.reconcile(s, NOW, lower, Memory()) == [Stop("wiki_02", "3 of 2 workers active")]
+
+
+def test_cold_standby_reconcile_is_unchanged():
+    s = snap(worker(0), worker(1), stopped(2))
+    assert LIMITS.running_slots == 2 and policy.reconcile(s, NOW, LIMITS, Memory()) == []
+
+
+def test_limits_are_warm_only_with_standby_slots():
+    from fcgi_toolkit import settings
+    base = {"app": {"name": "wiki", "wsgi": "app:application"}}
+    dep = settings.parse(base, "/x/deploy.toml")
+    assert dep.workers.warm_standby is True and Limits.from_deployment(dep).warm
+    dep = settings.parse({**base, "workers": {"standby": 0}}, "/x/deploy.toml")
+    assert not Limits.from_deployment(dep).warm

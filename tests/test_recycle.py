@@ -334,3 +334,45 @@ def test_every_transition_is_taken_and_no_other():
         taken.add((before.phase, after.phase))
     assert taken == recycle.TRANSITIONS
     assert TAKEN <= recycle.TRANSITIONS        # whatever the cases above took
+
+
+# -- warm standby ------------------------------------------------------------------
+
+def warm_slot(index, state=PS.RUNNING, pid=NEW_PID):
+    rec = replace(record(index, pid, ready=False), standby=True)
+    return SlotSnapshot(name="wiki_%02d" % index, index=index, state=state, pid=pid,
+                        create_time=NOW - 50, record=rec)
+
+
+def test_begin_warm_promotes_the_standby():
+    operation, effects = recycle.begin(OFFENDER_UP, "wiki_00", "wiki_02", "rss", "rss", "watchdog",
+                                       NOW, warm=True)
+    assert operation.phase == Phase.STARTING and operation.warm
+    assert effects == [recycle.PromoteProcess("wiki_02")]
+
+
+def test_warm_promoted_standby_that_accepts_stops_the_offender_at_once():
+    after, effects = step(op(Phase.STARTING, warm=True),
+                          snap(OFFENDER_UP, slot(1, PS.RUNNING, 101), slot(2, PS.RUNNING, NEW_PID)),
+                          now=NOW + 0.05)
+    assert after.phase == Phase.STOPPING and after.new_pid == NEW_PID
+    assert after.took == pytest.approx(0.05) and effects == [StopProcess("wiki_00")]
+
+
+def test_warm_promotion_is_sent_again_only_after_a_while():
+    s = snap(OFFENDER_UP, slot(1, PS.RUNNING, 101), warm_slot(2))
+    assert step(op(Phase.STARTING, warm=True), s, now=NOW + 0.1)[1] == []
+    after, effects = step(op(Phase.STARTING, warm=True), s, now=NOW + recycle.PROMOTE_AGAIN)
+    assert after.phase == Phase.STARTING and effects == [recycle.PromoteProcess("wiki_02")]
+
+
+def test_warm_standby_stopped_before_it_took_over_fails_the_recycle():
+    after, effects = step(op(Phase.STARTING, warm=True),
+                          snap(OFFENDER_UP, slot(1, PS.RUNNING, 101), slot(2, PS.STOPPED)))
+    assert after.phase == Phase.FAILED and "warm standby wiki_02 stopped" in after.failure.why
+    assert effects == [StopProcess("wiki_02")]
+
+
+def test_warm_operation_survives_the_state_file():
+    operation = op(Phase.STARTING, warm=True)
+    assert Operation.from_json(json.loads(json.dumps(operation.to_json()))) == operation

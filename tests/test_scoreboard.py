@@ -192,3 +192,21 @@ def test_baseline_is_the_rss_at_ready_then_after_the_first_requests(tmp_path):
     finally:
         w.close()
         board.close()
+
+
+def test_a_warm_standby_says_so_with_its_baseline_then_takes_over(tmp_path):
+    path = str(tmp_path / "sb")
+    w = scoreboard.SlotWriter(path, 1, 3, os.getpid(), psutil.Process().create_time(),
+                              rss_every=0.05)
+    board = scoreboard.Scoreboard(path, 3)
+    w.set_standby()
+    rec = board.read(1)
+    assert rec.standby and not rec.ready and rec.baseline > 0 and rec.rss == rec.baseline
+    w.set_ready()
+    rec = board.read(1)
+    assert rec.ready and not rec.standby
+    w.set_draining()
+    rec = board.read(1)
+    assert rec.ready and rec.draining and not rec.standby
+    w.close()
+    board.close()

@@ -23,10 +23,10 @@ MB = 1024 * 1024
 
 
 def record(slot=0, pid=100, started=NOW - 60, requests=5, inflight=0, ready=True,
-           draining=False, req_start=0.0, method="", uri=""):
+           draining=False, req_start=0.0, method="", uri="", standby=False):
     return SlotRecord(slot=slot, pid=pid, started=started, requests=requests, inflight=inflight,
                       ready=ready, draining=draining, req_start=req_start, req_id=requests + 1,
-                      last_duration=0.01, method=method, uri=uri)
+                      last_duration=0.01, method=method, uri=uri, standby=standby)
 
 
 def info(name, state, pid=0, start=0, group="wiki"):
@@ -46,6 +46,14 @@ def info(name, state, pid=0, start=0, group="wiki"):
     (ProcessStates.RUNNING, record(draining=True, inflight=1), {}, False, "draining"),
     (ProcessStates.RUNNING, record(), {"flapping": True}, False, "flapping"),
     (ProcessStates.STARTING, None, {}, False, "starting"),
+    (ProcessStates.STARTING, record(ready=False), {}, False, "starting"),
+    # Within startsecs a worker may accept already: it is ready, as the watchdog counts it.
+    (ProcessStates.STARTING, record(), {}, False, "ready"),
+    (ProcessStates.STARTING, record(inflight=1, req_start=NOW - 1), {}, False, "busy"),
+    (ProcessStates.RUNNING, record(ready=False, standby=True), {}, False, "warm"),
+    (ProcessStates.STARTING, record(ready=False, standby=True), {}, False, "warm"),
+    (ProcessStates.RUNNING, record(ready=False, standby=True, draining=True), {}, False,
+     "draining"),
     (ProcessStates.STOPPING, record(), {}, False, "draining"),
     (ProcessStates.BACKOFF, None, {}, False, "backoff"),
     (ProcessStates.FATAL, None, {}, False, "fatal"),

@@ -254,10 +254,16 @@ def test_young_worker_that_grows_past_the_limit_is_replaced_without_backoff(clus
                 workers={"count": 2, "standby": 2}, recycle={"ready_timeout": "20s",
                                                              "max_concurrent": 2})
     first = c.ready_workers()
+    watcher = PidWatcher(c, interval=0.05)
+    watcher.start()
     load = c.load("/", threads=2, duration=15, pause=0.1).start()
     load.join()
+    watcher.stop()
     assert load.failed == 0, load.summary()
+    # Each recycle promoted a warm standby before its offender stopped.
+    assert watcher.min_ready >= 2, watcher.min_ready
     done = recycled(c)
+    assert c.watchdog_log().count("(warm standby, promoted)") >= len(done), c.watchdog_log()
     # Each first worker replaced, and replacements replaced in turn: no slot held back.
     assert {old for _, old, _, _, _ in done} >= {str(p) for p in first.values()}, done
     assert len(done) >= 3, done
@@ -268,28 +274,66 @@ def test_young_worker_that_grows_past_the_limit_is_replaced_without_backoff(clus
     assert c.access_log_statuses().keys() <= {200}
 
 
-def test_hard_ceiling_stops_a_worker_before_its_replacement_is_ready(cluster, tmp_path):
-    hold = tmp_path / "hold-import"
-    c = cluster("wd_grow:application", name="wd", app={"environment": {"WD_HOLD_IMPORT": str(hold)}},
-                limits={"max_rss": "50MB", "max_rss_hard": "90MB"},
-                recycle={"check_interval": 0.5, "ready_timeout": "60s"})
-    first = c.ready_workers()
-    hold.write_text("held")           # from now on a new worker's import waits
+def _over_the_ceiling_while_imports_hang(c, serving, hold, watcher=None):
+    """Under load, make one of ``serving`` jump over limits.max_rss_hard while a
+    new worker's import hangs (``hold``): it is stopped at once, the other one
+    serves alone, then imports go on.  Returns the fat pid and the load."""
     load = c.load("/", threads=2, duration=30, pause=0.05).start()
     try:
         body = c.get("/grow?mb=100", timeout=10).text
         fat = int(body.split()[1])
-        assert fat in first.values(), (body, first)
+        assert fat in serving.values(), (body, serving)
         wait_for(lambda: fat not in c.pids().values(), 20, "the worker over the ceiling to stop")
         # No replacement was ready: the one other worker serves alone, and keeps serving.
-        assert set(c.ready_workers().values()) == set(first.values()) - {fat}
+        assert set(c.ready_workers().values()) == set(serving.values()) - {fat}
         assert load.failed == 0, load.summary()
         hold.unlink()
         assert len(c.wait_ready(2, timeout=30)) >= 2
     finally:
         load.stop()
         load.join()
+        if watcher is not None:
+            watcher.stop()
+        if hold.exists():
+            hold.unlink()
     assert load.failed == 0, load.summary()
     assert re.search(r"stopping wd_0\d pid %d at once: rss [\d.]+MB > 90MB "
                      r"\(limits.max_rss_hard\)" % fat, c.watchdog_log()), c.watchdog_log()
+    return fat, load
+
+
+def test_hard_ceiling_stops_a_worker_before_its_replacement_is_ready(cluster, tmp_path):
+    # Cold standby: the replacement must import the app, and its import hangs.
+    hold = tmp_path / "hold-import"
+    c = cluster("wd_grow:application", name="wd", app={"environment": {"WD_HOLD_IMPORT": str(hold)}},
+                workers={"warm_standby": False},
+                limits={"max_rss": "50MB", "max_rss_hard": "90MB"},
+                recycle={"check_interval": 0.5, "ready_timeout": "60s"})
+    first = c.ready_workers()
+    hold.write_text("held")           # from now on a new worker's import waits
+    _over_the_ceiling_while_imports_hang(c, first, hold)
     assert c.access_log_statuses().keys() <= {200}
+
+
+def test_hard_ceiling_with_no_warm_standby_left_stops_at_once_and_the_group_serves(
+        cluster, tmp_path):
+    # The warm standby takes over in an operator recycle while imports hang, so no
+    # standby is left; then a worker jumps over the ceiling: stopped at once anyway.
+    hold = tmp_path / "hold-import"
+    c = cluster("wd_grow:application", name="wd", app={"environment": {"WD_HOLD_IMPORT": str(hold)}},
+                limits={"max_rss": "50MB", "max_rss_hard": "90MB"},
+                recycle={"check_interval": 0.5, "ready_timeout": "60s"})
+    first, standby = c.ready_workers(), c.warm_workers()
+    assert len(first) == 2 and len(standby) == 1
+    hold.write_text("held")
+    r = c.toolkit("recycle", "-c", c.deploy_path, sorted(first)[0], "--timeout", "30")
+    assert r.returncode == 0, r.stdout + r.stderr
+    serving = c.ready_workers()
+    assert set(serving.values()) == (set(first.values()) - {first[sorted(first)[0]]}) | set(
+        standby.values())
+    assert c.warm_workers() == {}            # the next standby's import hangs
+    watcher = PidWatcher(c, interval=0.05)
+    watcher.start()
+    _over_the_ceiling_while_imports_hang(c, serving, hold, watcher)
+    assert watcher.min_ready >= 1, watcher.min_ready
+    c.wait_warm(timeout=30)

@@ -240,3 +240,35 @@ def test_sigterm_during_app_import_drains_and_exits_0(tmp_path):
     finally:
         w.stop()
         listener.close()
+
+
+def test_warm_standby_accepts_nothing_until_sigusr2_then_serves(spawn):
+    serving = spawn(threads=1)
+    standby = spawn(listener=serving.listener, slot=1, threads=1, ready=False, warm_standby=True)
+    board = board_for(standby)
+    rec = wait_for(lambda: (r := board.read(1)) is not None and r.pid == standby.pid
+                   and r.standby and r)
+    assert rec and not rec.ready, standby.log()
+    # Every request goes to the serving worker while the other one waits.
+    for _ in range(5):
+        r = fc.request(serving.listener.address, "/pid", timeout=10)
+        assert r.status == 200 and int(r.body) == serving.pid
+    standby.signal(signal.SIGUSR2)
+    rec = wait_for(lambda: (r := board.read(1)) is not None and r.ready and r)
+    assert rec and not rec.standby, standby.log()
+    serving.terminate()
+    assert serving.wait(10) == 0
+    r = fc.request(standby.listener.address, "/pid", timeout=10)
+    assert r.status == 200 and int(r.body) == standby.pid
+    assert "warm standby" in standby.log()
+    board.close()
+
+
+def test_warm_standby_told_to_stop_exits_0_at_once(spawn):
+    standby = spawn(threads=2, ready=False, warm_standby=True)
+    board = board_for(standby)
+    assert wait_for(lambda: (r := board.read(0)) is not None and r.standby)
+    standby.terminate()
+    assert standby.wait(10) == 0
+    assert board.read(0) is None
+    board.close()

@@ -102,6 +102,7 @@ class DrainControl:
         self.graceful_timeout = graceful_timeout
         self.stop_requested = False
         self._stop_at = 0.0
+        self.take_over_requested = False
         self.draining = False
         self._deadline = 0.0
         self._drain_lock = threading.Lock()
@@ -136,6 +137,24 @@ class DrainControl:
         (flup installed handlers that cut in-flight requests, bug 16)."""
         self.stop_requested = True
         self._stop_at = time.monotonic()
+
+    def request_take_over(self) -> None:
+        """A warm standby starts accepting.  Only sets a flag: safe in a signal handler."""
+        self.take_over_requested = True
+
+    def _stand_by(self) -> None:
+        """Wait, accepting nothing, until a take-over or a stop is requested.
+
+        A signal's C-level handler writes the wake-up pipe before its Python
+        handler sets the flag in this (main) thread: after a wake-up, look
+        again soon."""
+        quick_until = 0.0
+        while not (self.take_over_requested or self.stop_requested):
+            now = time.monotonic()
+            r, _, _ = select.select([self._wake_r], [], [], 0.02 if now < quick_until else 1.0)
+            if r:
+                self._drain_wake_pipe()
+                quick_until = time.monotonic() + 1.0
 
     def wake(self) -> None:
         try:
@@ -287,13 +306,24 @@ class WSGIServer(DrainControl, WSGIGateway, fcgi.WSGIServer):
     # -- accept loop ---------------------------------------------------------
     def serve(self, listener: socket.socket, on_ready: Optional[Callable[[], None]] = None,
               on_drain: Optional[Callable[[], None]] = None,
-              on_deadline: Optional[Callable[[], None]] = None) -> int:
+              on_deadline: Optional[Callable[[], None]] = None,
+              on_standby: Optional[Callable[[], None]] = None) -> int:
         """Accept until :meth:`request_stop`, then drain; ``on_ready`` runs just
         before the first accept, ``on_drain`` when draining starts,
         ``on_deadline`` (inline only, in the monitor thread) when the drain
-        deadline passes with a request still running."""
+        deadline passes with a request still running.
+
+        With ``on_standby`` the server is a warm standby first: it calls
+        ``on_standby`` and accepts nothing until :meth:`request_take_over`
+        (then it goes on as above) or :meth:`request_stop` (then it drains
+        at once: it has no connection)."""
         listener.setblocking(False)
         self._on_drain, self._on_deadline = on_drain, on_deadline
+        if on_standby is not None:
+            on_standby()
+            self._stand_by()    # before the monitor thread: only this thread reads the pipe
+            if self.stop_requested:
+                return self._drain()
         monitor = None
         if self.inline:
             monitor = threading.Thread(target=self._monitor, name="fcgi-drain-monitor", daemon=True)
