@@ -27,6 +27,23 @@ def _threads_of_ready_workers(c):
     return out
 
 
+def _under_load_until_recycled_by_requests(c, change):
+    """``change()`` under 64 connections past capacity, then until the watchdog
+    recycles by the new limits.max_requests (it is in effect); zero failed
+    requests.  Returns what ``change`` returned."""
+    load = c.load(SLOW, threads=64, duration=60).start()
+    try:
+        wait_for(lambda: load.total >= 64, 20, "the load to be served before the change")
+        result = change()
+        wait_for(lambda: "reason='requests " in c.watchdog_log(), 30,
+                 "a recycle by the new max_requests")
+    finally:
+        load.stop()
+        load.join()
+    assert load.failed == 0, load.summary()
+    return result
+
+
 def test_apply_under_load_limits_threads_and_nginx_with_zero_failures(cluster):
     c = cluster("core_app:application", name="ap", recycle=dict(FAST),
                 workers={"threads": 1})
@@ -42,18 +59,9 @@ def test_apply_under_load_limits_threads_and_nginx_with_zero_failures(cluster):
                                     "nginx.read_timeout", "recycle.flap_window"}
     r = c.toolkit("status", "-c", c.deploy_path, timeout=30)
     assert "differs from the running deployment" in r.stdout
-    load = c.load(SLOW, threads=64, duration=60).start()
-    try:
-        wait_for(lambda: load.total >= 64, 20, "the load to be served before apply")
-        r = c.toolkit("apply", "-c", c.deploy_path, timeout=120)
-        assert r.returncode == 0, r.stdout + r.stderr
-        # The new limit is in effect: the watchdog recycles by it under this load.
-        wait_for(lambda: "reason='requests " in c.watchdog_log(), 30,
-                 "a recycle by the new max_requests")
-    finally:
-        load.stop()
-        load.join()
-    assert load.failed == 0, load.summary()
+    r = _under_load_until_recycled_by_requests(
+        c, lambda: c.toolkit("apply", "-c", c.deploy_path, timeout=120))
+    assert r.returncode == 0, r.stdout + r.stderr
     assert "nginx reloaded gracefully" in r.stdout and "reloaded 2 workers" in r.stdout
     after = c.status_json()
     assert after["drift"] == []
@@ -79,17 +87,11 @@ def test_watched_deployment_file_is_applied_when_it_changes_zero_failures(cluste
     c.edit(recycle={"watch": [c.deploy_path], "debounce": 0.5})
     r = c.toolkit("apply", "-c", c.deploy_path, timeout=60)
     assert r.returncode == 0 and c.status_json()["drift"] == [], r.stdout + r.stderr
-    load = c.load(SLOW, threads=64, duration=60).start()
-    try:
-        wait_for(lambda: load.total >= 64, 20, "the load to be served before the edit")
+    def edit():
         c.edit(limits={"max_requests": 40})      # no apply: the watchdog sees the edit
         wait_for(lambda: c.status_json()["drift"] == [], 60, "the watched file's apply")
-        wait_for(lambda: "reason='requests " in c.watchdog_log(), 30,
-                 "a recycle by the new max_requests")
-    finally:
-        load.stop()
-        load.join()
-    assert load.failed == 0, load.summary()
+
+    _under_load_until_recycled_by_requests(c, edit)
     assert "deployment file %s changed: applying it" % c.deploy_path in c.watchdog_log()
     # A bad edit of the watched file changes nothing: the running values stay.
     c.edit(limits={"max_requests": -3})
