@@ -101,8 +101,9 @@ def test_supervisorctl_status_and_restart_replaces_one_worker(cluster):
     # Two workers serve; the third slot is the warm standby (running, accepting nothing).
     before = c.ready_workers()
     [(spare, spare_pid)] = c.warm_workers().items()
-    assert len(before) == 2 and set(c.pids()) == {"core_00", "core_01", "core_02"} == (
-        set(before) | {spare})
+    assert len(before) == 2 and {"core_00", "core_01", "core_02"} == set(before) | {spare}
+    # The standby is RUNNING once its startsecs have passed.
+    wait_for(lambda: set(c.pids()) == set(before) | {spare}, 10, "three RUNNING slots")
     victim, other = sorted(before)
 
     out = c.ctl("restart", "core:" + victim)
