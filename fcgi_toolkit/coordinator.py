@@ -19,7 +19,8 @@ listener killed at any point resumes it after a restart.
 Between passes the listener calls :meth:`Coordinator.urgent` every
 :meth:`Coordinator.poll_interval` seconds (:mod:`fcgi_toolkit.rss_poll`): it
 reads the RSS each worker publishes in its scoreboard slot and asks for a
-pass at once when one is over the limit.
+pass at once when one is over the limit, and looks for a new operator request
+(:class:`~fcgi_toolkit.triggers.RequestWatch`), served at once as well.
 
 While supervisord shuts down or restarts (``getState``, or a SHUTDOWN_STATE
 fault) the coordinator stands by: no recycle begins or moves, nothing is
@@ -46,7 +47,7 @@ from fcgi_toolkit.reloads import RollingReload
 from fcgi_toolkit.rss_poll import RssPoll
 from fcgi_toolkit.statefile import Life
 from fcgi_toolkit.supervisord import CommandFailed, Gateway
-from fcgi_toolkit.triggers import FileWatch, OperatorRequests
+from fcgi_toolkit.triggers import REQUEST_POLL, FileWatch, OperatorRequests, RequestWatch
 from fcgi_toolkit.watched import WatchedFiles
 from fcgi_toolkit.watchdog_actions import ActionRunner
 
@@ -107,6 +108,7 @@ class Coordinator:
         self.recall = Recall()
         self.actions = ActionRunner(self)
         self.requests = OperatorRequests(self)
+        self.request_watch = RequestWatch(self.runtime_dir)
         self.reloads = RollingReload(self)
         self.recycles = RecycleRunner(self)
         self.watched = WatchedFiles(self, spawn)
@@ -183,12 +185,14 @@ class Coordinator:
         return min(self.check_interval, 0.25) if self.busy() else self.check_interval
 
     def poll_interval(self) -> float:
-        """Seconds between fast polls of the scoreboard (0: no fast poll)."""
-        return self.rss_poll.interval()
+        """Seconds between fast polls (the scoreboard's published RSS, new operator requests)."""
+        rss = self.rss_poll.interval()
+        return min(rss, REQUEST_POLL) if rss else min(REQUEST_POLL, self.check_interval)
 
     def urgent(self) -> bool:
-        """Whether a worker's published RSS asks for a full pass now (memory reads only)."""
-        return self.rss_poll.urgent()
+        """Whether a full pass is due now: a worker's published RSS (memory reads
+        only), or a new operator request (one stat of its directory)."""
+        return self.rss_poll.urgent() or self.request_watch.arrived()
 
     def memory(self) -> Memory:
         """What the policy needs to know of the state and the recall."""

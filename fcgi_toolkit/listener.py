@@ -8,7 +8,7 @@ fills), and runs a :class:`~fcgi_toolkit.coordinator.Coordinator` pass on
 the timer and shortly after each PROCESS_STATE event.  Between passes it
 also wakes every ``coordinator.poll_interval()`` seconds (when not 0) and
 runs a pass at once if ``coordinator.urgent()`` says so (a worker published
-an RSS over the limit).  SIGTERM/SIGINT only set a flag; the loop exits at
+an RSS over the limit, or an operator request arrived).  SIGTERM/SIGINT only set a flag; the loop exits at
 the next wake-up.  When supervisord dies, stdin reaches end of input and the
 loop ends; :mod:`fcgi_toolkit.lifeline` also sends SIGTERM.
 """

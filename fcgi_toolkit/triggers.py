@@ -112,6 +112,34 @@ def read_request(request_id: str, data: Optional[dict[str, Any]]) -> tuple[Optio
     return None, "unknown request %r" % (data,)
 
 
+#: Seconds between two looks for a new operator request between passes.
+REQUEST_POLL = 0.2
+
+
+class RequestWatch:
+    """Whether the request directory changed since the last look (one stat):
+    a new ``recycle``/``reload``/``apply`` request is served by the next pass
+    at once instead of after up to ``recycle.check_interval``."""
+
+    def __init__(self, runtime_dir: str, stat: Callable[[str], Any] = os.stat):
+        self.directory = statefile.requests_dir(runtime_dir)
+        self.stat = stat
+        self.seen = self._look()
+
+    def _look(self) -> Optional[tuple]:
+        try:
+            st = self.stat(self.directory)
+        except OSError:
+            return None     # no request was ever made (enqueue creates the directory)
+        return (st.st_ino, st.st_mtime_ns)
+
+    def arrived(self) -> bool:
+        now = self._look()
+        changed = now is not None and now != self.seen
+        self.seen = now
+        return changed
+
+
 class OperatorRequests:
     """Answers the request files of ``fcgi-toolkit recycle/reload``; a request
     the capacity guard cannot admit yet waits (it is asked again next pass)."""

@@ -17,7 +17,7 @@ import pytest
 from supervisor.states import ProcessStates as PS, SupervisorStates
 from supervisor.xmlrpc import Faults
 
-from fcgi_toolkit import settings, statefile
+from fcgi_toolkit import settings, statefile, triggers
 from fcgi_toolkit.coordinator import Coordinator
 from fcgi_toolkit.listener import EventStream, Listener
 from fcgi_toolkit.policy import Limits
@@ -691,11 +691,29 @@ def test_a_lone_worker_waits_for_its_replacement_to_leave_starting(tmp_path):
     assert w.sup.named_calls("stopProcess") == [("stopProcess", "wiki:wiki_00", False)]
 
 
-def test_no_fast_poll_without_max_rss(tmp_path):
+def test_no_rss_poll_without_max_rss_but_requests_are_still_looked_for(tmp_path):
     w = World(tmp_path)
     w.started()
     w.sup.board[0] = _replace(w.sup.board[0], rss=10_000 * MB, rss_time=w.clock())
-    assert w.co.poll_interval() == 0.0 and w.co.urgent() is False
+    assert w.co.poll_interval() == pytest.approx(triggers.REQUEST_POLL) and w.co.urgent() is False
+
+
+def test_an_operator_request_is_served_by_a_pass_at_once_not_at_the_timer(tmp_path):
+    w = World(tmp_path)
+    w.started()
+    listener = _listen(w)
+    assert listener.next_pass - w.clock() == pytest.approx(w.co.check_interval)
+    for _ in range(3):
+        listener.step()                  # fast polls: nothing asked, no pass
+    assert w.sup.named_calls("startProcess") == []
+    victim = sorted(w.sup.running())[0]
+    request_id = statefile.enqueue(w.co.runtime_dir, {"op": "recycle", "worker": victim})
+    timer = listener.next_pass
+    listener.step()                      # the next poll sees the request: a pass now
+    assert w.clock() < timer             # before the timed pass would have run
+    assert victim in (w.state()["recycle"] or {}), w.state()
+    assert w.co.urgent() is False        # one look per change
+    statefile.forget(w.co.runtime_dir, request_id)
 
 
 # --------------------------------------------------------------------------
