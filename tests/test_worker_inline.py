@@ -183,6 +183,38 @@ def test_large_body_is_gathered_not_joined():
     assert "sendmsg" in sock.sends()
 
 
+@pytest.mark.parametrize("drain_first", [True, False], ids=["drain-before-wait", "drain-while-waiting"])
+def test_a_fresh_connection_is_served_when_the_drain_begins_before_its_request(drain_first):
+    """A web server connects, then writes its request: a drain that begins in
+    between must not close the connection (Apache would answer 503, "Broken
+    pipe: Failed Writing Request"); only an idle connection between requests
+    is closed at once."""
+    server = flupfix.WSGIServer(hello_list, threads=1, idle_timeout=5, graceful_timeout=5)
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    conn = Connection(ours, "", server)
+    server._connections.add(conn)
+    thread = threading.Thread(target=conn.run)
+    client = fc.FastCGIConnection.__new__(fc.FastCGIConnection)
+    client.sock, client.timeout, client._buf = theirs, 5.0, bytearray()
+    theirs.settimeout(5)
+    try:
+        if drain_first:
+            server._begin_drain()
+            thread.start()
+        else:
+            thread.start()
+            server._begin_drain()
+        r = client.request("/")
+        assert r.ended and r.status == 200 and r.body == b"hello world\n"
+        # Now it served a request: idle between requests while draining, it is closed.
+        assert client.wait_closed(5)
+    finally:
+        theirs.close()
+        thread.join(10)
+    assert not thread.is_alive()
+
+
 def test_inline_server_serves_in_the_calling_thread_and_drains():
     served_by = []
 

@@ -96,6 +96,10 @@ class Connection(RecordTransport, fcgi_base.Connection):
         RecordTransport.__init__(self, sock)
         self.broken: Optional[str] = None
         self.current: Optional[tuple] = None   # (method, uri, start) while in the app
+        # No request began on it yet: the web server connected to send one (and
+        # may be writing it), so a drain waits for it (DRAIN_READ_GRACE) instead
+        # of closing, which the web server would see as a failed request.
+        self.fresh = True
 
     # -- entry point (flup's ThreadPool, or the inline accept loop) ----------
     def run(self) -> None:
@@ -143,10 +147,11 @@ class Connection(RecordTransport, fcgi_base.Connection):
         return timeout
 
     def _wait_for_record(self) -> bool:
-        """Wait for the next record.  False: close quietly (draining while idle)."""
+        """Wait for the next record.  False: close quietly (draining while idle
+        between requests; a fresh connection gets DRAIN_READ_GRACE for its first)."""
         if self._rpos < len(self._rbuf):
             return True
-        if not self._requests and self.server.draining:
+        if not self._requests and self.server.draining and not self.fresh:
             r, _, _ = select.select([self._sock], [], [], 0)
             return bool(r)
         # Mostly the next record is here already (a new connection's request,
@@ -171,10 +176,11 @@ class Connection(RecordTransport, fcgi_base.Connection):
                 return True
             if not r:
                 raise socket.timeout()
-            if idle:
+            if idle and not self.fresh:
                 r, _, _ = select.select([self._sock], [], [], 0)
                 return bool(r)
-            # draining started mid-record: wait again with the drain's timeout
+            # draining started mid-record (or before a fresh connection's first
+            # record): wait again with the drain's timeout
 
     # -- input ---------------------------------------------------------------
     def process_input(self) -> None:
@@ -244,6 +250,7 @@ class Connection(RecordTransport, fcgi_base.Connection):
         if len(content) != BEGIN_BODY.size:
             raise ProtocolError("BEGIN_REQUEST body of %d bytes" % len(content))
         role, flags = BEGIN_BODY.unpack(content)
+        self.fresh = False
         req = self.server.request_class(self, self._inputStreamClass)
         req.requestId, req.role, req.flags = rid, role, flags
         if self._requests:
