@@ -117,6 +117,10 @@ class Contender:
     def worker_pids(self) -> list[int]:
         raise NotImplementedError
 
+    def serving_pids(self) -> list[int]:
+        """The workers that take requests (ours leaves out its warm standbys)."""
+        return self.worker_pids()
+
     def reload(self) -> None:
         """A rolling (or, for the baseline, full) restart of every worker."""
         raise NotImplementedError
@@ -513,20 +517,27 @@ class Ours(_Supervised):
             f.write(self.render())
         self._launch(self.toolkit("run"), "run-stdout.log", timeout, env=dict(os.environ, PYTHONPATH=ROOT))
 
-    def ready_pids(self) -> list[int]:
-        # Ours has its own readiness signal: the scoreboard's ready flag.
-        # Require both it and the neutral import mark.
+    def _slots(self) -> list:
         from fcgi_toolkit.scoreboard import Scoreboard
         from fcgi_toolkit.settings import slot_total
-        pids = super().ready_pids()
         board = Scoreboard(os.path.join(self.runtime_dir, "scoreboard"),
                            slot_total(self.spec.workers, self.spec.extra.get("standby", 1),
                                       self.spec.extra.get("max_slots", 0)))
         try:
-            ready = {r.pid for r in board.read_all() if r is not None and r.ready and not r.draining}
+            return [r for r in board.read_all() if r is not None]
         finally:
             board.close()
+
+    def ready_pids(self) -> list[int]:
+        # Ours has its own readiness signal: the scoreboard's ready flag.
+        # Require both it and the neutral import mark.
+        pids = super().ready_pids()
+        ready = {r.pid for r in self._slots() if r.ready and not r.draining}
         return [p for p in pids if p in ready]
+
+    def serving_pids(self) -> list[int]:
+        standby = {r.pid for r in self._slots() if r.standby}
+        return [p for p in self.worker_pids() if p not in standby]
 
     def listener_pid(self) -> Optional[int]:
         try:

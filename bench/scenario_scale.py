@@ -126,7 +126,7 @@ def _change(contender, old: int, new: int, stop) -> Change:
     proc: Optional[subprocess.Popen] = contender.resize(new)
     effect = None
     while time.time() < trigger + EFFECT_TIMEOUT and not stop.is_set():
-        if in_effect(contender.worker_pids(), contender.ready_pids(), new, before):
+        if in_effect(contender.serving_pids(), contender.ready_pids(), new, before):
             effect = time.time()
             break
         time.sleep(0.1)
