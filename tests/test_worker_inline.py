@@ -49,9 +49,9 @@ class RecordingSocket:
         return [c for c in self.calls if c in ("send", "sendmsg")]
 
 
-def serve_one(app, client_actions, threads=1):
-    """One Connection of a real WSGIServer over a socketpair, in a thread."""
-    server = flupfix.WSGIServer(app, threads=threads, idle_timeout=5)
+def serve_one(app, client_actions, threads=1, server=None):
+    """One Connection of a real WSGIServer (or ``server``) over a socketpair, in a thread."""
+    server = server or flupfix.WSGIServer(app, threads=threads, idle_timeout=5)
     ours, theirs = socket.socketpair()
     ours.setblocking(False)
     recorder = RecordingSocket(ours)
@@ -190,15 +190,8 @@ def test_a_fresh_connection_is_served_when_the_drain_begins_before_its_request(d
     pipe: Failed Writing Request"); only an idle connection between requests
     is closed at once."""
     server = flupfix.WSGIServer(hello_list, threads=1, idle_timeout=5, graceful_timeout=5)
-    ours, theirs = socket.socketpair()
-    ours.setblocking(False)
-    conn = Connection(ours, "", server)
-    server._connections.add(conn)
-    thread = threading.Thread(target=conn.run)
-    client = fc.FastCGIConnection.__new__(fc.FastCGIConnection)
-    client.sock, client.timeout, client._buf = theirs, 5.0, bytearray()
-    theirs.settimeout(5)
-    try:
+
+    def actions(client, thread):
         if drain_first:
             server._begin_drain()
             thread.start()
@@ -206,13 +199,12 @@ def test_a_fresh_connection_is_served_when_the_drain_begins_before_its_request(d
             thread.start()
             server._begin_drain()
         r = client.request("/")
-        assert r.ended and r.status == 200 and r.body == b"hello world\n"
         # Now it served a request: idle between requests while draining, it is closed.
-        assert client.wait_closed(5)
-    finally:
-        theirs.close()
-        thread.join(10)
-    assert not thread.is_alive()
+        return r, client.wait_closed(5)
+
+    (r, closed), _ = serve_one(hello_list, actions, server=server)
+    assert r.ended and r.status == 200 and r.body == b"hello world\n"
+    assert closed
 
 
 def test_inline_server_serves_in_the_calling_thread_and_drains():
