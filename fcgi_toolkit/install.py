@@ -96,11 +96,8 @@ def site_layout(dep: Deployment) -> SiteLayout:
 def site_identity(layout: SiteLayout, host: render.Host) -> tuple[str, str]:
     """The web server's worker user and group: the layout's user where the
     system has it (with its primary group), else the probed web user."""
-    import grp
-    import pwd
     try:
-        entry = pwd.getpwnam(layout.user)
-        return layout.user, grp.getgrgid(entry.pw_gid).gr_name
+        return layout.user, webuser.primary_group(layout.user)
     except KeyError:
         return host.web_user, host.web_group
 
