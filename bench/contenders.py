@@ -480,11 +480,8 @@ class Ours(_Supervised):
             "",
             "[workers]",
             "count = %d" % s.workers,
-            "standby = %d" % s.extra.get("standby", 1),
-            "max_slots = %d" % s.extra.get("max_slots", 0),
-            # Only when asked for: the product's default otherwise.
-            *(["warm_standby = %s" % ("true" if s.extra["warm_standby"] else "false")]
-              if "warm_standby" in s.extra else []),
+            # Only when asked for: the product's defaults otherwise.
+            *self._asked("standby", "max_slots", "warm_standby"),
             "threads = %d" % s.threads,
             'socket = %s' % json.dumps("unix://" + self.socket_path),
             'graceful_timeout = "10s"',
@@ -492,12 +489,11 @@ class Ours(_Supervised):
             "[limits]",
             "max_requests = %d" % s.max_requests,
             "max_rss = %d" % s.max_rss,
-            "max_rss_hard = %d" % s.extra.get("max_rss_hard", 0),
+            *self._asked("max_rss_hard"),
             "",
             "[recycle]",
             "check_interval = %s" % float(s.check_interval),
-            "flap_window = %s" % float(s.extra.get("flap_window", 60.0)),
-            "max_concurrent = %d" % s.extra.get("max_concurrent", 1),
+            *self._asked("flap_window", "max_concurrent"),
             "",
             "[nginx]",
             "managed = false",
@@ -509,6 +505,10 @@ class Ours(_Supervised):
         ]
         return "\n".join(lines)
 
+    def _asked(self, *keys: str) -> list[str]:
+        """``key = value`` lines for the keys a scenario set in ``Spec.extra``."""
+        return ["%s = %s" % (k, json.dumps(self.spec.extra[k])) for k in keys if k in self.spec.extra]
+
     def toolkit(self, *args: str) -> list[str]:
         return [sys.executable, "-m", "fcgi_toolkit"] + list(args) + ["-c", self.deploy_path]
 
@@ -518,11 +518,10 @@ class Ours(_Supervised):
         self._launch(self.toolkit("run"), "run-stdout.log", timeout, env=dict(os.environ, PYTHONPATH=ROOT))
 
     def _slots(self) -> list:
+        from fcgi_toolkit import settings
         from fcgi_toolkit.scoreboard import Scoreboard
-        from fcgi_toolkit.settings import slot_total
         board = Scoreboard(os.path.join(self.runtime_dir, "scoreboard"),
-                           slot_total(self.spec.workers, self.spec.extra.get("standby", 1),
-                                      self.spec.extra.get("max_slots", 0)))
+                           settings.load(self.deploy_path).slots)
         try:
             return [r for r in board.read_all() if r is not None]
         finally:

@@ -46,6 +46,8 @@ import sys
 import threading
 from typing import Callable, Mapping, Optional
 
+from fcgi_toolkit import sigthreads
+
 log = logging.getLogger("fcgi_toolkit.lifeline")
 
 #: From <linux/prctl.h>.
@@ -135,15 +137,14 @@ class ParentWatch:
         return self.fired
 
     def _run(self) -> None:
-        # The stop signals are for the main thread (a worker's handlers run
-        # there and its blocking waits must be interrupted there).
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGUSR1})
         while not self._stop.wait(self.interval):
             if self.check():
                 return
 
     def start(self) -> "ParentWatch":
-        threading.Thread(target=self._run, name="fcgi-parent-watch", daemon=True).start()
+        # The signals are for the main thread (a worker's handlers run there
+        # and its blocking waits must be interrupted there).
+        sigthreads.start(self._run, "fcgi-parent-watch")
         return self
 
     def stop(self) -> None:

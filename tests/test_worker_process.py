@@ -53,7 +53,9 @@ def test_drain_finishes_inflight_and_backlog_goes_to_another_worker(spawn):
         board = board_for(a)
         assert wait_for(lambda: (board.read(0) or None) and board.read(0).inflight == 1)
         a.terminate()
-        assert wait_for(lambda: board.read(0) and board.read(0).draining), a.log()
+        # The drain's log line (it stays, unlike the scoreboard's short-lived
+        # draining flag) says it began while the request was in flight.
+        assert a.wait_log("draining: 1 connection(s) open, 1 request(s) in flight", 30), a.log()
         # A new connection while A drains: it waits in the shared backlog...
         with fc.FastCGIConnection(listener.address, timeout=15) as late:
             late.start("/pid")
@@ -67,6 +69,29 @@ def test_drain_finishes_inflight_and_backlog_goes_to_another_worker(spawn):
     assert a.wait(10) == 0
     assert "drained" in a.log()
     assert board.read(0) is None   # slot cleared on exit
+    board.close()
+
+
+def test_scoreboard_says_draining_while_a_request_is_held(spawn):
+    w = spawn(threads=1, graceful_timeout="20s")
+    board = board_for(w)
+    body = b"held-body!"
+    with fc.FastCGIConnection(w.listener.address, timeout=15) as conn:
+        # Half the body: the app's read waits for the rest, so the request
+        # stays in flight until the test sends it.
+        conn.begin(1)
+        conn.send_params(1, fc.cgi_params("/echo", "POST", body))
+        conn.send(fc.record(fc.STDIN, 1, body[:4]))
+        assert wait_for(lambda: (board.read(0) or None) and board.read(0).inflight == 1)
+        w.terminate()
+        rec = wait_for(lambda: (board.read(0) or None) and board.read(0).draining
+                       and board.read(0))
+        assert rec and rec.inflight == 1 and rec.uri == "/echo", w.log()
+        conn.send_stdin(1, body[4:])
+        r = conn.read_response()
+        assert r.ended and r.status == 200 and r.body == body
+    assert w.wait(10) == 0
+    assert board.read(0) is None
     board.close()
 
 

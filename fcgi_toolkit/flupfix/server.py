@@ -11,7 +11,6 @@ import errno
 import logging
 import os
 import select
-import signal
 import socket
 import sys
 import threading
@@ -20,6 +19,7 @@ from typing import Any, Callable, Iterable, Optional
 
 from flup.server import fcgi
 
+from .. import sigthreads
 from .connection import Connection, Request
 from .gateway import RequestObserver, WSGIGateway
 from .streams import ErrorStream
@@ -27,12 +27,6 @@ from .streams import ErrorStream
 log = logging.getLogger("fcgi_toolkit.worker")
 
 _NOTHING_PENDING = object()   # _accept: no connection waiting
-
-# Signals a helper thread must never take from the main thread (there the
-# Python-level handlers run and interrupt the main thread's waits).
-_SYNCHRONOUS_SIGNALS = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL,
-                                  signal.SIGABRT, signal.SIGTRAP, signal.SIGSYS})
-
 
 def parse_web_server_addrs(value: Optional[str]) -> Optional[frozenset]:
     """FCGI_WEB_SERVER_ADDRS as a set (None: any peer).  flup keeps a ``map``
@@ -209,9 +203,8 @@ class DrainControl:
         application or waiting on a connection; this thread waits on the
         wake-up pipe, starts the drain when a stop was requested (the drain
         pipe then wakes the serving thread's waits) and enforces the drain
-        deadline.  It blocks the asynchronous signals, so that they are
-        delivered to the main thread, where their handlers run."""
-        signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals() - _SYNCHRONOUS_SIGNALS)
+        deadline.  It never takes the asynchronous signals (:mod:`fcgi_toolkit.sigthreads`):
+        they go to the main thread, where their handlers run."""
         quick_until = 0.0
         while not self._finished.is_set():
             if self.stop_requested:
@@ -326,8 +319,7 @@ class WSGIServer(DrainControl, WSGIGateway, fcgi.WSGIServer):
                 return self._drain()
         monitor = None
         if self.inline:
-            monitor = threading.Thread(target=self._monitor, name="fcgi-drain-monitor", daemon=True)
-            monitor.start()
+            monitor = sigthreads.start(self._monitor, "fcgi-drain-monitor")
         try:
             if on_ready is not None:
                 on_ready()
