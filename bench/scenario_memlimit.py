@@ -19,11 +19,12 @@ itself, so it bounds detection-to-ready from above (by one sample, 0.1 s).
 Ours runs at its defaults (a warm standby takes over at once,
 ``workers.warm_standby``) and, beside it, with ``warm_standby = false`` (the
 standby slot is started when a replacement is needed): the measurement that
-decides that default.  Beside them, :data:`VARIANTS`: ours with one or two
-standbys, a spare slot (a new standby starts as soon as one is promoted,
-not when the offender has exited) and recycle.max_concurrent = 2 (both
-workers replaced at once), each set explicitly: the measurement that decides
-``workers.standby``'s default.
+decides that default.  Beside them, :data:`VARIANTS`, each set explicitly:
+the defaults before 2026-12-02 (one standby, one recycle at once), two
+standbys with one recycle at once, and spare slots
+(a new standby starts as soon as one is promoted, not when the offender
+has exited): the measurements that decide ``workers.standby``,
+``recycle.max_concurrent`` and ``workers.max_slots``.
 """
 from __future__ import annotations
 
@@ -50,10 +51,10 @@ COLD = "ours warm_standby = false"
 #: Ours's variants beside its defaults, each set explicitly so that a row means
 #: the same configuration whatever the defaults are: what decides them.
 VARIANTS = (
-    ("ours standby 1", {"standby": 1}),
-    ("ours standby 1 + spare slot", {"standby": 1, "max_slots": 4}),
-    ("ours standby 2", {"standby": 2}),
-    ("ours standby 2, max_concurrent 2", {"standby": 2, "max_concurrent": 2}),
+    ("ours standby 1, max_concurrent 1 (the defaults before 2026-12-02)",
+     {"standby": 1, "max_concurrent": 1}),
+    ("ours standby 2, max_concurrent 1", {"standby": 2, "max_concurrent": 1}),
+    ("ours + 2 spare slots (max_slots 6)", {"max_slots": 6}),
 )
 
 COLUMNS = [("rate", "leak MB/s", "s"), ("contender", "contender", "s"),

@@ -98,9 +98,10 @@ REGISTRY: tuple[Setting, ...] = (
     # [workers]
     Setting("workers", "count", positive_int, 2,
             "Workers serving at all times."),
-    Setting("workers", "standby", non_negative_int, 1,
+    Setting("workers", "standby", non_negative_int, 2,
             "Extra workers that take over from a recycled worker before it stops (warm standbys;"
-            " stopped slots with warm_standby = false)."),
+            " stopped slots with warm_standby = false); two, so that two workers breaking a limit"
+            " together are both replaced at once."),
     Setting("workers", "warm_standby", boolean_value, True,
             "Standby workers run with the app imported, accepting nothing, and take over at"
             " once (SIGUSR2) when a worker is recycled; false: a standby slot stays stopped"
@@ -143,8 +144,8 @@ REGISTRY: tuple[Setting, ...] = (
     # [recycle]
     Setting("recycle", "check_interval", seconds, 1.0,
             "How often the watchdog samples every worker."),
-    Setting("recycle", "max_concurrent", positive_int, 1,
-            "Most workers of the group being replaced at once."),
+    Setting("recycle", "max_concurrent", positive_int, 2,
+            "Most workers of the group being replaced at once (each through its own standby)."),
     Setting("recycle", "ready_timeout", seconds, 60.0,
             "A replacement not ready within this is a failed start."),
     Setting("recycle", "flap_window", seconds, 60.0,

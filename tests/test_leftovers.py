@@ -179,19 +179,19 @@ def test_child_stops_when_its_parent_is_killed(request, user, mode):
     python = sys.executable
     if user:
         # The test venv's interpreter lives under /root here; the system one
-        # can run lifeline.py (standard library only) as nobody.
+        # can run lifeline.py (standard library only, with sigthreads.py) as nobody.
         python = "/usr/bin/python3"
         if not _nobody_can_run(python):
             pytest.skip("needs root, a nobody user and /usr/bin/python3")
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(fcgi_toolkit.__file__)))
     if user:
         # The package as installed for the tests may sit in a private directory
-        # (.tox is 0700): give the other user a readable copy of the two files.
+        # (.tox is 0700): give the other user a readable copy of the files it needs.
         package_root = tempfile.mkdtemp(prefix="fct-lifeline-")
         request.addfinalizer(lambda: shutil.rmtree(package_root, ignore_errors=True))
         os.chmod(package_root, 0o755)
         os.makedirs(os.path.join(package_root, "fcgi_toolkit"), mode=0o755)
-        for name in ("__init__.py", "lifeline.py"):
+        for name in ("__init__.py", "lifeline.py", "sigthreads.py"):
             shutil.copy(os.path.join(os.path.dirname(fcgi_toolkit.__file__), name),
                         os.path.join(package_root, "fcgi_toolkit", name))
     parent = subprocess.Popen([sys.executable, "-c", PARENT, python, CHILD, user, mode, package_root],

@@ -259,10 +259,10 @@ SMALL_HOST = render.Host(euid=1000, user="alice", nginx_binary="/usr/sbin/nginx"
 
 
 def test_count_above_memory_is_refused(tmp_path):
-    # 2 GB per worker, 2 + 1 (a recycle's replacement) alive at the peak: 6 GB > 4 GB.
+    # 2 GB per worker, 2 + 2 (recycle.max_concurrent replacements) alive at the peak: 8 GB > 4 GB.
     dep = deployment(tmp_path, workers={"count": 2}, limits={"max_rss": "2GB"})
-    with pytest.raises(ConfigError, match=r"workers.count = 2: at the peak of a recycle 3 workers "
-                                          r"run, limits.max_rss = 2GB each: 6GB"):
+    with pytest.raises(ConfigError, match=r"workers.count = 2: at the peak of a recycle 4 workers "
+                                          r"run, limits.max_rss = 2GB each: 8GB"):
         render.render_all(dep, SMALL_HOST, dep.runtime_dir)
     dep = deployment(tmp_path, workers={"count": 2}, limits={"max_rss": "1GB"})
     render.render_all(dep, SMALL_HOST, dep.runtime_dir)
