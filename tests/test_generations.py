@@ -23,15 +23,17 @@ RUNNING, STOPPED, BACKOFF = ProcessStates.RUNNING, ProcessStates.STOPPED, Proces
 
 # -- which keys ----------------------------------------------------------------
 
-def test_the_fcgi_program_keys_take_a_generation_and_supervisord_keys_still_refuse():
+def test_the_fcgi_program_keys_take_a_generation_control_a_new_supervisord_the_rest_refuse():
     fcgi_program = {"workers.socket", "workers.socket_mode", "workers.socket_owner", "app.python",
                     "app.directory", "workers.user", "workers.graceful_timeout",
                     "workers.max_slots", "nginx.web_servers"}
     assert {k for k, way in settings.APPLIED_BY.items() if way is Applied.GENERATION} == fcgi_program
     assert {k for k, way in settings.APPLIED_BY.items() if way is Applied.SUPERVISORD} == {
+        "control.inet_port", "control.username", "control.password"}
+    assert {k for k, way in settings.APPLIED_BY.items() if way is Applied.RESTART} == {
         "app.name", "nginx.managed", "nginx.binary", "runtime.dir", "runtime.log_dir",
-        "runtime.templates", "metrics.listen", "control.inet_port", "control.username",
-        "control.password", "control.system_supervisord", "web.server", "hosts"}
+        "runtime.templates", "metrics.listen", "control.system_supervisord", "web.server",
+        "hosts"}
     p = applying.plan(["app.python", "limits.max_rss", "workers.count"], fits=False)
     assert p.generation == ("app.python", "workers.count") and p.watchdog == ("limits.max_rss",)
 
@@ -387,7 +389,7 @@ def test_status_and_metrics_say_which_generation_serves_and_that_a_switch_is_und
         "; generation 2; generation switch in progress (1 -> 2: draining)")
     obj = status.to_json(group)
     assert obj["generation"] == 2 and obj["switch"] == {
-        "old": 1, "new": 2, "phase": "draining", "since": NOW - 2}
+        "old": 1, "new": 2, "phase": "draining", "since": NOW - 2, "supervisord": 0}
     m = scrape(metrics.GroupCollector(dep, lambda: RecordingRPC(procs), clock=lambda: NOW))
     assert m[("fcgi_generation", ())] == 2 and m[("fcgi_generation_switch", ())] == 1
     generations.end_switch(dep.runtime_dir)
