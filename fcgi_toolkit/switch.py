@@ -43,6 +43,7 @@ collaborators injected.
 """
 from __future__ import annotations
 
+import http.client
 import os
 import time
 import xmlrpc.client
@@ -133,6 +134,7 @@ class Switcher:
         self.since = time.time()
         self.steps = plan(old.holder, new.holder)
         #: The supervisords holding the old and the new workers.
+        self.connect = connect
         self.old_rpc = connect(old) if old.holder else rpc
         self.new_rpc = connect(new) if new.holder else rpc
 
@@ -260,10 +262,12 @@ class Switcher:
             self.sleep(0.05)
 
     def inner_state(self) -> Optional[Mapping[str, Any]]:
-        """The new inner supervisord's getState; None while it does not answer."""
+        """The new inner supervisord's getState; None while it does not answer
+        (a fresh connection each time: a refused one is not reusable)."""
         try:
+            self.new_rpc = self.connect(self.new)
             return self.new_rpc.getState()
-        except (OSError, xmlrpc.client.Error):
+        except (OSError, xmlrpc.client.Error, http.client.HTTPException):
             return None
 
     def start(self, files: Mapping[str, str]) -> None:

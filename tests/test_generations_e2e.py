@@ -35,18 +35,18 @@ def _phases_seen(c, apply: subprocess.Popen) -> list:
     return seen
 
 
-def _switch_under_load(c, expect: int = 0, phases=None, **edits):
-    """Edit the file and apply it while 64 clients keep the 2 workers past capacity;
-    ``phases``: what status said during the switch, in order."""
+def _switch_under_load(c, expect: int = 0, phases=None, args=(), **edits):
+    """Edit the file and apply it (with ``args``) while 64 clients keep the 2
+    workers past capacity; ``phases``: what status said during the switch, in order."""
     c.edit(**edits)
     load = c.load(SLOW, threads=64, duration=90).start()
     try:
         wait_for(lambda: load.total >= 64, 30, "the load to be served before apply")
         if phases is None:
-            r = c.toolkit("apply", "-c", c.deploy_path, timeout=150)
+            r = c.toolkit("apply", "-c", c.deploy_path, *args, timeout=150)
         else:
             apply = subprocess.Popen([sys.executable, "-m", "fcgi_toolkit", "apply", "-c",
-                                      c.deploy_path], stdin=subprocess.DEVNULL,
+                                      c.deploy_path, *args], stdin=subprocess.DEVNULL,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             phases.extend(_phases_seen(c, apply))
             out, err = apply.communicate(timeout=150)
