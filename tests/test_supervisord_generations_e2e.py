@@ -7,17 +7,15 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import tempfile
 import threading
 import xmlrpc.client
 
 import psutil
 import pytest
 
-from fcgi_toolkit import render, supervisord
-from harness import Cluster, free_port, nginx_available, port_open, wait_for
-from test_generations_e2e import FAST, _serving_pids, _switch_under_load, _system_nginx_conf
-from webservers import WEB_USER, dropping_privileges
+from fcgi_toolkit import supervisord
+from harness import free_port
+from test_generations_e2e import FAST, _serving_pids, _switch_under_load, system_nginx_cluster
 
 pytestmark = pytest.mark.integration
 
@@ -90,29 +88,7 @@ def test_new_supervisord_with_no_change_twice_then_stop_leaves_nothing(cluster):
 
 
 def test_control_port_added_with_a_system_nginx_and_a_failed_import_switches_nothing(tmp_path):
-    if not nginx_available():
-        pytest.skip("nginx is not on PATH (or in /usr/sbin)")
-    nginx = render.find_nginx()
-    root = tempfile.mkdtemp(prefix="fct-sysnginx-")
-    os.chmod(root, 0o755)
-    conf = os.path.join(root, "nginx.conf")
-    workers = {"threads": 1}
-    if dropping_privileges():
-        workers["socket_owner"] = "root:%s" % WEB_USER
-    c = Cluster(tmp_path / "c", "core_app:application", name="sy", recycle=dict(FAST),
-                workers=workers, nginx={"managed": False, "reload": [nginx, "-c", conf, "-s", "reload"]})
-    proc = None
-    try:
-        c.start()
-        with open(conf, "w", encoding="utf-8") as f:
-            f.write(_system_nginx_conf(root, os.path.join(c.runtime_dir, "nginx-site.conf")))
-        if dropping_privileges():
-            os.chown(root, psutil.Process().uids().real, -1)
-        proc = subprocess.Popen([nginx, "-c", conf], stdin=subprocess.DEVNULL,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                start_new_session=True)
-        wait_for(lambda: port_open(c.port), 20, "the system nginx")
-
+    with system_nginx_cluster(tmp_path, "sy") as (c, proc):
         # (a) A [control] TCP control port added (with credentials): a new supervisord binds it.
         port = free_port()
         before = c.pids()
@@ -151,8 +127,3 @@ def test_control_port_added_with_a_system_nginx_and_a_failed_import_switches_not
         status = c.status_json()
         assert status["generation"] == 2 and status["switch"] is None
         assert set(status["drift"]) == {"app.wsgi", "control.inet_port"}
-    finally:
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            proc.wait(20)
-        c.stop()
