@@ -71,6 +71,26 @@ def test_new_supervisord_with_no_change_twice_then_stop_leaves_nothing(cluster):
     assert _groups(_front(c)) == {"sv_nginx", "sv_s3"}
     assert not os.path.exists(os.path.join(c.runtime_dir, "supervisord-g2.conf"))
     assert _front(c).getProcessInfo("sv_nginx")["pid"] == nginx_pid
+
+    # A group generation inside the inner supervisord (the socket moved): it stays there.
+    inner_pid = c.rpc.supervisor.getPID()
+    moved = os.path.join(c.runtime_dir, "moved.sock")
+    before = c.pids()
+    r = _switch_under_load(c, workers={"socket": "unix://" + moved})
+    assert "generation 3 -> 4 (workers.socket)" in r.stdout, r.stdout
+    c.follow_generation()
+    assert (c.dep.holder, c.dep.group, c.dep.socket_path) == (3, "sv_g4", moved)
+    ready = c.wait_ready(2, timeout=30)
+    assert not set(ready.values()) & set(before.values())
+    assert {psutil.Process(pid).ppid() for pid in ready.values()} == {inner_pid}
+    assert _groups(c.rpc.supervisor) == {"sv_g4", "sv_watchdog"}
+    assert _groups(_front(c)) == {"sv_nginx", "sv_s3"}
+
+    # The inner watchdog takes operator requests, through its own supervisord.
+    r = c.toolkit("recycle", "-c", c.deploy_path, "sv_g4_00", timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert c.wait_ready(2, timeout=30).get("sv_g4_00") != ready["sv_g4_00"]
+    assert c.status_json()["recycles"] == 1
     statuses = c.access_log_statuses()
     assert statuses[502] == 0 and statuses[504] == 0, statuses
 
