@@ -5,6 +5,7 @@ first, which keeps nginx), with zero failed requests (README "Generations")."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -13,9 +14,10 @@ import xmlrpc.client
 import psutil
 import pytest
 
-from fcgi_toolkit import supervisord
-from harness import free_port
+from fcgi_toolkit import leftovers, supervisord
+from harness import free_port, wait_for
 from test_generations_e2e import FAST, _serving_pids, _switch_under_load, system_nginx_cluster
+from test_orphans_e2e import alive, runs  # noqa: F401 (runs: a fixture)
 
 pytestmark = pytest.mark.integration
 
@@ -147,3 +149,24 @@ def test_control_port_added_with_a_system_nginx_and_a_failed_import_switches_not
         status = c.status_json()
         assert status["generation"] == 2 and status["switch"] is None
         assert set(status["drift"]) == {"app.wsgi", "control.inet_port"}
+
+
+def test_a_killed_front_takes_its_inner_supervisord_along_and_run_starts_again(cluster, runs):
+    c = cluster("core_app:application", name="sk", recycle=dict(FAST), workers={"threads": 1})
+    r = c.toolkit("apply", "-c", c.deploy_path, "--new-supervisord", timeout=150)
+    assert r.returncode == 0, r.stdout + r.stderr
+    c.follow_generation()
+    c.wait_ready(2, timeout=30)
+    before = psutil.Process(c.proc.pid).children(recursive=True)
+    sig = leftovers.Signature.of(c.dep)
+    assert [leftovers.classify(p.cmdline(), sig) for p in before].count(leftovers.Kind.SUPERVISORD) == 1
+    os.kill(c.proc.pid, signal.SIGKILL)
+    c.proc.wait(10)
+    # The inner supervisord's lifeline: TERM, it drains its workers and exits.
+    wait_for(lambda: not alive(before), 60, "every process of the killed front to end")
+    run = runs(c)
+    run.wait_serving()
+    assert "inner supervisord files (supervisord-g2.conf)" in run.output(), run.output()
+    assert c.status_json()["generation"] == 1
+    assert not [n for n in os.listdir(c.runtime_dir) if n.startswith(("supervisor-g", "supervisord-g"))]
+    assert run.stop() == 0, run.output()
