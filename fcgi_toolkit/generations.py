@@ -18,6 +18,18 @@ Generation N (1 is the layout ``run`` starts, with unchanged names):
   (``<stem>.g<N>.sock`` in the same directory); a TCP address cannot be
   bound twice (:class:`SocketCollision`).
 
+Supervisord generations (README "Supervisord generations"): a generation
+is held by the front (``supervisord`` 0: the supervisord ``run`` started,
+which always keeps nginx) or by the inner supervisord that supervisord
+generation N started as the front's ``[program:<app.name>_sN]``
+(``supervisord`` N, with its own ``supervisord-gN.conf``,
+``supervisor-gN.sock`` and ``supervisord-gN.pid``): ``successor(...,
+new_supervisord=True)``.  A group generation stays in the supervisord that
+holds the serving one.  ``dep.control_socket``, ``dep.supervisord_conf`` and
+``dep.supervisord_pidfile`` follow the holder; ``dep.front_*`` are the
+front's.  Two supervisords cannot bind one TCP control port
+(:class:`ControlPortCollision`).
+
 The serving generation is a small state file in the runtime dir
 (:data:`STATE`; absent: generation 1 from the file).  Runtime readers
 (watchdog, status, metrics, RPC plugin, leftovers) take the deployment

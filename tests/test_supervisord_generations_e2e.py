@@ -65,6 +65,12 @@ def test_new_supervisord_with_no_change_twice_then_stop_leaves_nothing(cluster):
     assert _front(c).getPID() == front_pid
     assert "[program:sv_s2]" in open(c.dep.front_conf).read()
     assert "[fcgi-program:sv_g2]" in open(c.dep.supervisord_conf).read()
+    for conf in (c.dep.front_conf, c.dep.supervisord_conf):     # either supervisorctl
+        table = subprocess.run([sys.executable, "-m", "supervisor.supervisorctl", "-c", conf,
+                                "fcgi", "status"], stdin=subprocess.DEVNULL, capture_output=True,
+                               text=True, timeout=60).stdout
+        assert "generation 2 in supervisord sv_s2" in table, table
+        assert all(slot in table for slot in ready), table
 
     # Inner -> inner: again, no change.
     r = _switch_under_load(c, args=("--new-supervisord",))
