@@ -220,19 +220,25 @@ class Switcher:
             for step in self.steps:
                 try:
                     actions[step]()
-                except (SwitchFailed, nginxctl.ReloadFailed, OSError, xmlrpc.client.Error) as exc:
+                except (SwitchFailed, nginxctl.ReloadFailed, OSError, xmlrpc.client.Error,
+                        http.client.HTTPException) as exc:
                     if step in SERVING:
                         raise DrainFailed(str(exc)) from None
-                    why = ("nginx: %s" % exc if step is Step.SWITCH_NGINX else str(exc)
-                           if isinstance(exc, SwitchFailed)
-                           else "generation %d: %s" % (new.generation_number, exc))
-                    self.rollback(previous, undo(self.steps, step), SwitchFailed(why))
+                    self.rollback(previous, undo(self.steps, step), self.failure(step, exc))
         finally:
             if generations.current(new).number == new.generation_number:
                 generations.end_switch(old.runtime_dir)
         where = " in %s" % new.supervisord_program if new.holder else ""
         return "generation %d (%s, %s%s) serves; generation %d drained and removed" % (
             new.generation_number, new.group, new.socket_url, where, old.generation_number)
+
+    def failure(self, step: Step, exc: Exception) -> SwitchFailed:
+        """The one line saying why ``step`` failed."""
+        if step is Step.SWITCH_NGINX:
+            return SwitchFailed("nginx: %s" % exc)
+        if isinstance(exc, SwitchFailed):
+            return exc
+        return SwitchFailed("generation %d: %s" % (self.new.generation_number, exc))
 
     def start_supervisord(self, files: Mapping[str, str]) -> None:
         """The new inner supervisord: a program of the front, up and answering."""
