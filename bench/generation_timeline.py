@@ -1,9 +1,12 @@
 """The timeline of one generation switch under load (README "Generations").
 
-``python -m bench.generation_timeline [--clients 64] [--seconds 14]`` (from
-the checkout, with nginx on PATH): a deployment of 2 single-thread workers
-of a 50 ms endpoint, ``--clients`` HTTP clients on loopback, and at 4 s an
-``apply`` that moves the unix socket (a new generation).  Prints answered
+``python -m bench.generation_timeline [--clients 64] [--seconds 14]
+[--new-supervisord]`` (from the checkout, with nginx on PATH): a deployment
+of 2 single-thread workers of a 50 ms endpoint, ``--clients`` HTTP clients
+on loopback, and at 4 s an ``apply`` that moves the unix socket (a new
+generation), or with ``--new-supervisord`` one that changes nothing and
+moves the workers to a new inner supervisord (README "Supervisord
+generations").  Prints answered
 and failed requests per second, and when the switch began and ended.
 Uses the integration tests' harness (tests/harness.py) for the deployment
 and the load.
@@ -29,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", type=int, default=64)
     p.add_argument("--seconds", type=float, default=14.0)
     p.add_argument("--at", type=float, default=4.0, help="seconds into the load to apply")
+    p.add_argument("--new-supervisord", action="store_true",
+                   help="apply --new-supervisord (no change) instead of moving the socket")
     args = p.parse_args(argv)
     base = tempfile.mkdtemp(prefix="fct-gen-bench-")
     c = Cluster(base, "core_app:application", name="gb",
@@ -48,9 +53,11 @@ def main(argv: list[str] | None = None) -> int:
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
         time.sleep(args.at)
-        c.edit(workers={"socket": "unix://" + os.path.join(c.runtime_dir, "moved.sock")})
+        if not args.new_supervisord:
+            c.edit(workers={"socket": "unix://" + os.path.join(c.runtime_dir, "moved.sock")})
         marks["apply"] = time.monotonic() - t0
-        r = c.toolkit("apply", "-c", c.deploy_path, timeout=120)
+        r = c.toolkit("apply", "-c", c.deploy_path,
+                      *(["--new-supervisord"] if args.new_supervisord else []), timeout=120)
         marks["done"] = time.monotonic() - t0
         load.join()
         sampler.join()

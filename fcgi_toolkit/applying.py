@@ -24,9 +24,15 @@ it (:data:`fcgi_toolkit.settings.APPLIED_BY`, :func:`plan`):
   every other changed key (its workers read the file, nginx is re-rendered,
   the watchdog re-reads).  If the new generation does not come up, nothing
   is applied, the old one serves on, exit status 1;
-* keys that need a new supervisord are reported by name, left unapplied
-  (the snapshot keeps their old value, so ``status`` keeps showing the
-  drift) and make the exit status 1; generation keys then wait with them.
+* supervisord keys (``[control]``: supervisord's own sections), and
+  ``apply --new-supervisord`` with or without a change (an upgrade of
+  supervisor or of this toolkit): a generation in a new *inner*
+  supervisord, a program of the one ``run`` started (the *front*, which
+  keeps nginx), switched to the same way; it takes every other changed key;
+* keys only ``run`` sets up (app.name, runtime.*, nginx.managed...) are
+  reported by name ("stop and run again"), left unapplied (the snapshot
+  keeps their old value, so ``status`` keeps showing the drift) and make the
+  exit status 1; generation keys then wait with them.
 
 The pure part (:func:`values`, :func:`diff`, :func:`plan`) is tested with
 plain values; :func:`apply` is the thin I/O shell.
@@ -73,13 +79,15 @@ class Plan:
     watchdog: tuple[str, ...] = ()
     rolling: tuple[str, ...] = ()
     nginx: tuple[str, ...] = ()
-    supervisord: tuple[str, ...] = ()
+    restart: tuple[str, ...] = ()
     count: tuple[str, ...] = ()
     generation: tuple[str, ...] = ()
+    supervisord: tuple[str, ...] = ()
 
     @property
     def applicable(self) -> tuple[str, ...]:
-        return self.watchdog + self.count + self.rolling + self.nginx + self.generation
+        return (self.watchdog + self.count + self.rolling + self.nginx + self.generation
+                + self.supervisord)
 
     @property
     def needs_watchdog(self) -> bool:
@@ -94,8 +102,9 @@ def plan(changed: list[str], fits: bool = True) -> Plan:
         way = settings.applied_by(key)
         by[Applied.GENERATION if way is Applied.COUNT and not fits else way].append(key)
     return Plan(tuple(by[Applied.WATCHDOG]), tuple(by[Applied.ROLLING]),
-                tuple(by[Applied.NGINX]), tuple(by[Applied.SUPERVISORD]),
-                tuple(by[Applied.COUNT]), tuple(by[Applied.GENERATION]))
+                tuple(by[Applied.NGINX]), tuple(by[Applied.RESTART]),
+                tuple(by[Applied.COUNT]), tuple(by[Applied.GENERATION]),
+                tuple(by[Applied.SUPERVISORD]))
 
 
 def running_slots(running: Mapping[str, Any]) -> int:
@@ -165,8 +174,9 @@ def reload_nginx(dep: Deployment, rpc: Any) -> str:
 
 
 def apply(dep: Deployment, out: Any = sys.stdout, err: Any = sys.stderr,
-          rpc: Optional[Any] = None) -> int:
-    """Apply what differs; 0 all applied, 1 something could not be (said on ``err``)."""
+          rpc: Optional[Any] = None, new_supervisord: bool = False) -> int:
+    """Apply what differs; 0 all applied, 1 something could not be (said on ``err``).
+    ``new_supervisord``: a supervisord generation even when nothing changed."""
     from fcgi_toolkit import control, supervisord
     running = load(dep)
     if running is None:
@@ -175,22 +185,25 @@ def apply(dep: Deployment, out: Any = sys.stdout, err: Any = sys.stderr,
         return 1
     wanted = values(dep)
     todo = plan(diff(running, wanted), fits=dep.fits(running_slots(running)))
-    if not todo.applicable and not todo.supervisord:
+    if not todo.applicable and not todo.restart and not new_supervisord:
         print("apply: nothing changed", file=out)
         return 0
     status = 0
-    if todo.supervisord:
-        print("fcgi-toolkit: %s: not applied, needs a new supervisord (stop and run again): %s"
-              % (dep.path, ", ".join(todo.supervisord)), file=err)
+    if todo.restart:
+        print("fcgi-toolkit: %s: not applied, stop and run again: %s"
+              % (dep.path, ", ".join(todo.restart)), file=err)
         status = 1
-    if todo.generation and todo.supervisord:
-        print("fcgi-toolkit: %s: not applied, a new generation waits for the keys that need a "
-              "new supervisord: %s" % (dep.path, ", ".join(todo.generation)), file=err)
-    elif todo.generation:
-        return status | apply_generation(dep, running, wanted, todo, out, err, rpc)
+    switching = todo.generation + todo.supervisord
+    if (switching or new_supervisord) and todo.restart:
+        print("fcgi-toolkit: %s: not applied, a new generation waits for the keys that need "
+              "stop and run again: %s" % (dep.path, ", ".join(switching or ("--new-supervisord",))),
+              file=err)
+    elif switching or new_supervisord:
+        return status | apply_generation(dep, running, wanted, todo, out, err, rpc,
+                                         new_supervisord=new_supervisord or bool(todo.supervisord))
     applied: tuple[str, ...] = ()
     if todo.nginx:
-        rpc = rpc or supervisord.control_proxy(dep)
+        rpc = rpc or supervisord.front_proxy(dep)      # the managed nginx is the front's
         print("apply: %s (%s)" % (reload_nginx(dep, rpc), ", ".join(todo.nginx)), file=out)
         applied += todo.nginx
     if todo.needs_watchdog:
@@ -215,18 +228,23 @@ def apply(dep: Deployment, out: Any = sys.stdout, err: Any = sys.stderr,
 
 
 def apply_generation(dep: Deployment, running: Mapping[str, Any], wanted: Mapping[str, Any],
-                     todo: Plan, out: Any, err: Any, rpc: Optional[Any]) -> int:
-    """Every applicable key through a generation switch; 0 done, 1 not (nothing changed)."""
+                     todo: Plan, out: Any, err: Any, rpc: Optional[Any],
+                     new_supervisord: bool = False) -> int:
+    """Every applicable key through a generation switch (``new_supervisord``:
+    in a new inner supervisord); 0 done, 1 not (nothing changed)."""
     from fcgi_toolkit import supervisord, switch
+    what = ", ".join(todo.applicable) or "--new-supervisord"
     try:
-        old, new = switch.prepare(dep)
+        old, new = switch.prepare(dep, new_supervisord=new_supervisord)
     except settings.ConfigError as exc:
-        print("fcgi-toolkit: not applied (%s): %s" % (", ".join(todo.generation), exc), file=err)
+        print("fcgi-toolkit: not applied (%s): %s" % (what, exc), file=err)
         return 1
-    print("apply: generation %d -> %d (%s)" % (old.generation_number, new.generation_number,
-                                              ", ".join(todo.applicable)), file=out, flush=True)
+    print("apply: generation %d -> %d%s (%s)" % (
+        old.generation_number, new.generation_number,
+        " in a new supervisord (%s)" % new.supervisord_program if new_supervisord else "",
+        what), file=out, flush=True)
     try:
-        message = switch.Switcher(old, new, rpc or supervisord.control_proxy(dep), out).run()
+        message = switch.Switcher(old, new, rpc or supervisord.front_proxy(dep), out).run()
     except settings.ConfigError as exc:
         print("fcgi-toolkit: %s" % exc, file=err)
         return 2
@@ -247,10 +265,13 @@ def apply_generation(dep: Deployment, running: Mapping[str, Any], wanted: Mappin
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-c", "--config", default="deploy.toml",
                         help="deployment file (default: ./deploy.toml)")
+    parser.add_argument("--new-supervisord", action="store_true",
+                        help="move the workers to a new supervisord generation even if nothing "
+                             "changed (after an upgrade of supervisor or fcgi-toolkit)")
 
 
 def run(args: argparse.Namespace) -> int:
     """Exit status: 0 applied; 1 a key not applied or the watchdog did not
     answer; 2 bad deployment file (nothing changed)."""
     dep = settings.load(args.config)     # ConfigError: cli prints it, exit 2
-    return apply(dep)
+    return apply(dep, new_supervisord=args.new_supervisord)

@@ -95,8 +95,9 @@ class Coordinator:
         self.clock = clock
         self.deploy_path = dep.path
         # The managed nginx (autostart=false) waits for the first ready worker.
+        # An inner supervisord (README "Generations") has no nginx: the front keeps it.
         self.nginx = NginxStart(self, names.nginx_program(dep.name) if (
-            dep.nginx.managed and not dep.multi_host) else "")
+            dep.nginx.managed and not dep.multi_host and not dep.holder) else "")
         self.limits = Limits.from_deployment(dep)
         self.check_interval = dep.recycle.check_interval
         self.ready_timeout = dep.recycle.ready_timeout
@@ -162,15 +163,9 @@ class Coordinator:
         log.info("generation %d serves (group %s): the watchdog follows it",
                  dep.generation_number, dep.group)
         self.gateway = Gateway(self.gateway.rpc, dep.group)
-        for old, new in zip(self.slot_names, dep.slot_names()):
-            h = self.state.slot(old)
-            self.state.update_slot(new, recycles=h.recycles, last_reason=h.last_reason,
-                                   last_time=h.last_time, by_reason=dict(h.by_reason))
-            self.state.slots.pop(old, None)
+        self.state.move_slots(self.slot_names, dep.slot_names())
         self.slot_names = dep.slot_names()
         self.sampler.follow(dep.group, self.slot_names, Scoreboard(dep.scoreboard_path, dep.slots))
-        self.state.recycle.clear()
-        self.state.reload = None
         self.last_snapshot = None
 
     # -- for the listener ----------------------------------------------------

@@ -80,10 +80,16 @@ class FcgiControllerPlugin(ControllerPluginBase):
         dep = self._deployment()
         if dep is None:
             return
+        server_url = getattr(getattr(self.ctl, "options", None), "serverurl", None)
+        rpc = self.ctl.get_supervisor()
+        from fcgi_toolkit import generations, supervisord
+        serving = generations.serving(dep)
+        if serving.holder and server_url == "unix://" + serving.front_control_socket:
+            # The front's supervisorctl: the workers are in an inner supervisord.
+            server_url = "unix://" + serving.control_socket
+            rpc = supervisord.control_proxy(serving)
         try:
-            group = status.gather(dep, self.ctl.get_supervisor(),
-                                  server_url=getattr(getattr(self.ctl, "options", None),
-                                                     "serverurl", None))
+            group = status.gather(serving, rpc, server_url=server_url)
         except status.SupervisorUnavailable as exc:
             return self._fail("fcgi: %s" % exc, LSBInitExitStatuses.NOT_RUNNING)
         if as_json:

@@ -18,6 +18,18 @@ Generation N (1 is the layout ``run`` starts, with unchanged names):
   (``<stem>.g<N>.sock`` in the same directory); a TCP address cannot be
   bound twice (:class:`SocketCollision`).
 
+Supervisord generations (README "Supervisord generations"): a generation
+is held by the front (``supervisord`` 0: the supervisord ``run`` started,
+which always keeps nginx) or by the inner supervisord that supervisord
+generation N started as the front's ``[program:<app.name>_sN]``
+(``supervisord`` N, with its own ``supervisord-gN.conf``,
+``supervisor-gN.sock`` and ``supervisord-gN.pid``): ``successor(...,
+new_supervisord=True)``.  A group generation stays in the supervisord that
+holds the serving one.  ``dep.control_socket``, ``dep.supervisord_conf`` and
+``dep.supervisord_pidfile`` follow the holder; ``dep.front_*`` are the
+front's.  Two supervisords cannot bind one TCP control port
+(:class:`ControlPortCollision`).
+
 The serving generation is a small state file in the runtime dir
 (:data:`STATE`; absent: generation 1 from the file).  Runtime readers
 (watchdog, status, metrics, RPC plugin, leftovers) take the deployment
@@ -46,6 +58,10 @@ class SocketCollision(ValueError):
     """The new generation would bind the serving generation's TCP address."""
 
 
+class ControlPortCollision(ValueError):
+    """The new supervisord would bind a TCP control port a running one holds."""
+
+
 @dataclass(frozen=True)
 class Generation:
     """One generation's facts."""
@@ -54,6 +70,13 @@ class Generation:
     socket_url: str         # the effective socket: "unix:///..." or "tcp://host:port"
     scoreboard_path: str
     slots: int              # numprocs of its group
+    #: The supervisord holding its workers: 0 the front (``run``'s own), N
+    #: the inner supervisord that supervisord generation N started.
+    supervisord: int = 0
+    #: The TCP control port ("host:port") of that supervisord; "" none.
+    control_port: str = ""
+    #: The front's TCP control port: it holds it until it stops.
+    front_port: str = ""
 
 
 # --------------------------------------------------------------------------
@@ -93,23 +116,50 @@ def effective_socket(configured: str, serving: str, number: int) -> str:
         "bound twice; change workers.socket too (another port)" % configured)
 
 
-def of_file(dep: Deployment, number: int, socket_url: str) -> Generation:
-    """Generation ``number`` of the file ``dep``, bound to ``socket_url``."""
+def control_port(dep: Deployment) -> str:
+    """The file's TCP control port as supervisord binds it ("host:port"; "" none)."""
+    port = dep.control.inet_port
+    return port if not port or ":" in port else "127.0.0.1:" + port
+
+
+def check_control_port(port: str, current: Generation) -> None:
+    """Raise ControlPortCollision when a new supervisord would bind ``port``
+    while the serving one or the front holds it (two cannot bind it)."""
+    if port and port in (current.control_port, current.front_port):
+        raise ControlPortCollision(
+            "control.inet_port = %r: the %s supervisord holds it and two supervisords cannot "
+            "bind it; change control.inet_port, or remove it, apply, and add it again"
+            % (port, "serving" if port == current.control_port else "front"))
+
+
+def of_file(dep: Deployment, number: int, socket_url: str, supervisord: int = 0,
+            front_port: str = "") -> Generation:
+    """Generation ``number`` of the file ``dep``, bound to ``socket_url``, its
+    workers held by ``supervisord`` (0: the front)."""
     return Generation(number, group_name(dep.name, number), socket_url,
                       scoreboard_path(dep.runtime_dir, number),
                       settings.slot_total(dep.workers.count, dep.workers.standby,
-                                          dep.workers.max_slots))
+                                          dep.workers.max_slots),
+                      supervisord, control_port(dep), front_port)
 
 
 def first(dep: Deployment) -> Generation:
-    """Generation 1: what ``run`` starts from the file."""
-    return of_file(dep, 1, dep.workers.socket)
+    """Generation 1: what ``run`` starts from the file (the front holds it)."""
+    return of_file(dep, 1, dep.workers.socket, front_port=control_port(dep))
 
 
-def successor(dep: Deployment, current: Generation) -> Generation:
-    """The generation after ``current`` for the file ``dep`` (raise SocketCollision)."""
+def successor(dep: Deployment, current: Generation, new_supervisord: bool = False) -> Generation:
+    """The generation after ``current`` for the file ``dep``: in the same
+    supervisord, or (``new_supervisord``) in a new inner one of its own.
+    Raise SocketCollision, or ControlPortCollision for a new supervisord."""
     number = current.number + 1
-    return of_file(dep, number, effective_socket(dep.workers.socket, current.socket_url, number))
+    socket_url = effective_socket(dep.workers.socket, current.socket_url, number)
+    if not new_supervisord:
+        gen = of_file(dep, number, socket_url, current.supervisord, current.front_port)
+        # The serving supervisord keeps the control port it bound.
+        return replace(gen, control_port=current.control_port)
+    check_control_port(control_port(dep), current)
+    return of_file(dep, number, socket_url, number, current.front_port)
 
 
 def attach(dep: Deployment, gen: Generation) -> Deployment:
@@ -128,10 +178,14 @@ def from_json(data: Any) -> Optional[Generation]:
     try:
         gen = Generation(number=int(data["number"]), group=str(data["group"]),
                          socket_url=str(data["socket_url"]),
-                         scoreboard_path=str(data["scoreboard_path"]), slots=int(data["slots"]))
+                         scoreboard_path=str(data["scoreboard_path"]), slots=int(data["slots"]),
+                         supervisord=int(data.get("supervisord", 0)),
+                         control_port=str(data.get("control_port", "")),
+                         front_port=str(data.get("front_port", "")))
     except (KeyError, TypeError, ValueError):
         return None
-    return gen if gen.number >= 1 and gen.slots >= 1 else None
+    return gen if gen.number >= 1 and gen.slots >= 1 and 0 <= gen.supervisord <= gen.number \
+        else None
 
 
 # --------------------------------------------------------------------------
@@ -169,10 +223,13 @@ def load(path: str, host: Optional[str] = None) -> Deployment:
 def for_worker(dep: Deployment, number: int) -> Deployment:
     """The view of a worker started as ``--generation number``: the serving
     generation's facts when it is that one, else those the file gives it (a
-    worker of the generation a switch is starting)."""
+    worker of the generation a switch is starting, held by the supervisord
+    :data:`SWITCH` names)."""
     gen = current(dep)
     if gen.number != number:
-        gen = of_file(dep, number, dep.workers.socket)   # the worker inherits its socket
+        under_way = read_switch(dep.runtime_dir)
+        holder = under_way.supervisord if under_way and under_way.new == number else 0
+        gen = of_file(dep, number, dep.workers.socket, holder)   # the worker inherits its socket
     return attach(dep, gen)
 
 
@@ -187,12 +244,13 @@ class SwitchState:
     new: int
     phase: str
     since: float
+    supervisord: int = 0      # the supervisord holding the new generation (0: the front)
 
 
 def write_switch(runtime_dir: str, old: int, new: int, phase: str,
-                 since: Optional[float] = None) -> None:
+                 since: Optional[float] = None, supervisord: int = 0) -> None:
     statefile.write_json_atomic(switch_path(runtime_dir), asdict(SwitchState(
-        old, new, phase, time.time() if since is None else since)))
+        old, new, phase, time.time() if since is None else since, supervisord)))
 
 
 def read_switch(runtime_dir: str) -> Optional[SwitchState]:
@@ -201,7 +259,7 @@ def read_switch(runtime_dir: str) -> Optional[SwitchState]:
         return None
     try:
         return SwitchState(int(data["old"]), int(data["new"]), str(data["phase"]),
-                           float(data["since"]))
+                           float(data["since"]), int(data.get("supervisord", 0)))
     except (KeyError, TypeError, ValueError):
         return None
 

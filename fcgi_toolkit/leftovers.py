@@ -30,6 +30,7 @@ import enum
 import errno
 import http.client
 import os
+import re
 import signal
 import socket
 import sys
@@ -61,18 +62,31 @@ GRACEFUL_SIGNAL = {Kind.SUPERVISORD: signal.SIGTERM, Kind.WORKER: signal.SIGTERM
                    Kind.NGINX: signal.SIGQUIT}
 
 
+#: The files of an inner supervisord (README "Generations") in the runtime dir.
+INNER_FILE = re.compile(r"(supervisord-g\d+\.(conf|pid)|supervisor-g\d+\.sock)")
+
+
 @dataclass(frozen=True)
 class Signature:
     """The paths by which a process's command line names this deployment."""
     deploy_path: str
-    supervisord_conf: str
-    pidfile: str
+    supervisord_conf: str       # the front's; an inner one's is supervisord-gN.conf beside it
+    pidfile: str                # the front's: the lifeline of nginx and of inner supervisords
     nginx_conf: str
 
     @classmethod
     def of(cls, dep: Deployment) -> "Signature":
-        return cls(dep.path, dep.supervisord_conf, dep.supervisord_pidfile,
+        return cls(dep.path, dep.front_conf, dep.front_pidfile,
                    os.path.join(dep.runtime_dir, "nginx.conf"))
+
+    def names_supervisord_conf(self, path: Optional[str]) -> bool:
+        """Whether ``path`` is the front's supervisord.conf or an inner one's."""
+        if path is None:
+            return False
+        directory, base = os.path.split(path)
+        return path == self.supervisord_conf or (
+            directory == os.path.dirname(self.supervisord_conf)
+            and INNER_FILE.fullmatch(base) is not None and base.endswith(".conf"))
 
 
 def _option(argv: Sequence[str], name: str) -> Optional[str]:
@@ -95,11 +109,11 @@ def classify(cmdline: Sequence[str], sig: Signature) -> Optional[Kind]:
                 return kind if _option(rest, "--pidfile") == sig.pidfile else None
             return kind if kind is not None and _option(rest, "-c") == sig.deploy_path else None
         if arg == "-m" and argv[i + 1] == "supervisor.supervisord":
-            return Kind.SUPERVISORD if _option(argv, "-c") == sig.supervisord_conf else None
+            return Kind.SUPERVISORD if sig.names_supervisord_conf(_option(argv, "-c")) else None
     if not argv:
         return None
     program = os.path.basename(argv[0])
-    if program == "supervisord" and _option(argv, "-c") == sig.supervisord_conf:
+    if program == "supervisord" and sig.names_supervisord_conf(_option(argv, "-c")):
         return Kind.SUPERVISORD
     if program.startswith("nginx") and _option(argv, "-c") == sig.nginx_conf:
         return Kind.NGINX
@@ -119,10 +133,12 @@ class Remains:
     pidfile_pid: Optional[int]       # the pid in a pid file left behind (None: no file)
     control_socket: bool             # a control socket file that nobody answers
     processes: tuple[Leftover, ...]
+    inner_files: tuple[str, ...] = ()   # an inner supervisord's conf, pid file, socket
 
     @property
     def empty(self) -> bool:
-        return self.pidfile_pid is None and not self.control_socket and not self.processes
+        return (self.pidfile_pid is None and not self.control_socket and not self.processes
+                and not self.inner_files)
 
 
 def describe(name: str, remains: Remains, grace: float) -> str:
@@ -134,6 +150,9 @@ def describe(name: str, remains: Remains, grace: float) -> str:
             remains.pidfile_pid, "still alive" if remains.pidfile_pid in pids else "gone"))
     if remains.control_socket:
         found.append("a control socket nobody answers")
+    if remains.inner_files:
+        found.append("inner supervisord files (%s)" % " ".join(
+            sorted(os.path.basename(p) for p in remains.inner_files)))
     for kind in Kind:
         of_kind = sorted(p.pid for p in remains.processes if p.kind is kind)
         if of_kind:
@@ -215,9 +234,14 @@ def answers(path: str) -> bool:
 
 def find(dep: Deployment) -> Remains:
     """Remains of a previous life; call it when the control socket does not answer."""
-    return Remains(pidfile_pid=lifeline.read_pid(dep.supervisord_pidfile),
-                   control_socket=os.path.exists(dep.control_socket),
-                   processes=tuple(scan(dep)))
+    try:
+        inner = tuple(sorted(os.path.join(dep.runtime_dir, name)
+                             for name in os.listdir(dep.runtime_dir) if INNER_FILE.fullmatch(name)))
+    except FileNotFoundError:
+        inner = ()
+    return Remains(pidfile_pid=lifeline.read_pid(dep.front_pidfile),
+                   control_socket=os.path.exists(dep.front_control_socket),
+                   processes=tuple(scan(dep)), inner_files=inner)
 
 
 def end(processes: Iterable[Leftover], grace: float) -> list[Leftover]:
@@ -336,10 +360,21 @@ def clear_for_start(dep: Deployment, stream: TextIO = sys.stderr) -> Optional[Re
     return None if remains.empty else remains
 
 
+def forget_inner_files(remains: Remains) -> None:
+    """Remove what inner supervisords left (a stopped front's): the next
+    ``run`` starts generation 1 in the front."""
+    for path in remains.inner_files:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
 def _end_saying(dep: Deployment, remains: Remains, stream: TextIO) -> None:
     grace = dep.workers.graceful_timeout
     print(describe(dep.name, remains, grace), file=stream, flush=True)
     killed = end(remains.processes, grace)
+    forget_inner_files(remains)
     if killed:
         print("fcgi-toolkit: %s: killed (SIGKILL) past %gs: %s" % (
             dep.name, grace, ", ".join("%s %d" % (p.kind.value, p.pid) for p in killed)),
@@ -377,7 +412,7 @@ def _wait_gone(pid: Optional[int], dep: Deployment, timeout: float) -> bool:
                 return False
             except psutil.NoSuchProcess:
                 return True
-        if not answers(dep.control_socket):
+        if not answers(dep.front_control_socket):
             return True
         time.sleep(0.2)
     return False
@@ -390,12 +425,13 @@ def run_stop(args: argparse.Namespace) -> int:
     dep = generations.load(args.config)     # leftovers of the serving generation's workers
     timeout = args.timeout if args.timeout is not None else shutdown_bound(dep)
     stopped = False
-    if answers(dep.control_socket):
-        pid = lifeline.read_pid(dep.supervisord_pidfile)
+    # The front: it stops nginx, then an inner supervisord, which drains its workers.
+    if answers(dep.front_control_socket):
+        pid = lifeline.read_pid(dep.front_pidfile)
         print("fcgi-toolkit: %s: asking supervisord%s to shut down (waiting up to %gs)"
               % (dep.name, " (pid %d)" % pid if pid else "", timeout), flush=True)
         try:
-            supervisord.control_proxy(dep).shutdown()
+            supervisord.front_proxy(dep).shutdown()
         except (OSError, xmlrpc.client.Fault, http.client.HTTPException) as exc:
             print("fcgi-toolkit: %s: supervisord did not take the shutdown: %s" % (dep.name, exc),
                   file=sys.stderr)
@@ -406,6 +442,8 @@ def run_stop(args: argparse.Namespace) -> int:
     remains = find(dep)
     if remains.processes:
         _end_saying(dep, remains, sys.stderr)
+    elif stopped:
+        forget_inner_files(remains)
     elif not stopped:
         print("fcgi-toolkit: %s is not running" % dep.name)
         return 0

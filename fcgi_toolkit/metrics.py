@@ -166,7 +166,10 @@ def run(args: argparse.Namespace) -> int:
                                    % (dep.path, dep.metrics.listen, exc)) from None
 
     from prometheus_client import start_http_server
-    registry = make_registry(GroupCollector(dep, lambda: supervisord.control_proxy(dep)))
+    from fcgi_toolkit import generations
+    # Each scrape asks the supervisord holding the serving generation's workers.
+    registry = make_registry(GroupCollector(
+        dep, lambda: supervisord.control_proxy(generations.serving(dep))))
     signal.signal(signal.SIGTERM, _Stop.handler)
     signal.signal(signal.SIGINT, _Stop.handler)
     lifeline.guard(signal.SIGTERM, dep.supervisord_pidfile)   # supervisord's death stops us too

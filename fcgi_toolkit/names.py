@@ -37,6 +37,22 @@ def nginx_program(group: str) -> str:
     return "%s_nginx" % group
 
 
+def supervisord_program(name: str, number: int) -> str:
+    """The front's program running the inner supervisord of generation ``number``:
+    ``supervisord_program("wiki", 3) == "wiki_s3"``."""
+    return "%s_s%d" % (name, number)
+
+
+def supervisord_file(filename: str, number: int) -> str:
+    """A supervisord's file name: the front's (``number`` 0) as given, an
+    inner one's with its generation: ``supervisord_file("supervisord.conf", 3)
+    == "supervisord-g3.conf"``."""
+    if not number:
+        return filename
+    stem, dot, ext = filename.rpartition(".")
+    return "%s-g%d%s%s" % (stem, number, dot, ext)
+
+
 def watchdog_program(name: str) -> str:
     """The watchdog listener's supervisord name: ``watchdog_program("wiki") == "wiki_watchdog"``."""
     return "%s_watchdog" % name

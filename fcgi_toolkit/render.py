@@ -38,7 +38,7 @@ import tempfile
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Mapping, Optional
 
-from fcgi_toolkit import settings, webuser
+from fcgi_toolkit import names, settings, webuser
 from fcgi_toolkit.settings import ConfigError, Deployment
 
 if TYPE_CHECKING:
@@ -176,9 +176,10 @@ def _inet_port(value: str) -> str:
 def stop_waits(dep: Deployment) -> dict[str, int]:
     """supervisord's stopwaitsecs for each program: the workers drain within
     graceful_timeout, nginx finishes a request within read_timeout."""
-    return {"workers": int(math.ceil(dep.workers.graceful_timeout)) + 5,
-            "nginx": int(math.ceil(dep.nginx.read_timeout)) + 5,
-            "watchdog": 10, "metrics": 10}
+    workers = int(math.ceil(dep.workers.graceful_timeout)) + 5
+    # An inner supervisord stops its watchdog, then its workers (README "Generations").
+    return {"workers": workers, "nginx": int(math.ceil(dep.nginx.read_timeout)) + 5,
+            "watchdog": 10, "metrics": 10, "supervisord": workers + 10 + 5}
 
 
 def context(dep: Deployment, host: Host, conf_dir: str) -> dict:
@@ -202,7 +203,12 @@ def context(dep: Deployment, host: Host, conf_dir: str) -> dict:
         nginx_stopwaitsecs=waits["nginx"],
         watchdog_stopwaitsecs=waits["watchdog"],
         metrics_stopwaitsecs=waits["metrics"],
+        supervisord_stopwaitsecs=waits["supervisord"],
         inet_port=_inet_port(dep.control.inet_port) if dep.control.inet_port else "",
+        # One supervisord.conf holds everything (holder 0); see supervisord_files.
+        holds_workers=True, is_front=True, inner_program="", inner_conf="", front_port="",
+        supervisord_log=names.supervisord_file("supervisord.log", dep.holder),
+        identifier=dep.supervisord_program or dep.name,
         upstream_server=("unix:" + dep.socket_path if dep.socket_is_unix
                          else dep.socket_url[len("tcp://"):]),
         location=location,
@@ -321,8 +327,29 @@ def render_templates(dep: Deployment, ctx: Mapping, templates: Mapping[str, str]
     return out
 
 
-def _render_files(dep: Deployment, host: Host, conf_dir: str, names) -> dict[str, str]:
-    return render_templates(dep, context(dep, host, conf_dir), {name: FILES[name] for name in names})
+def _render_files(dep: Deployment, host: Host, conf_dir: str, files) -> dict[str, str]:
+    return render_templates(dep, context(dep, host, conf_dir), {name: FILES[name] for name in files})
+
+
+def supervisord_files(dep: Deployment, host: Host, conf_dir: str) -> dict[str, str]:
+    """supervisord.conf, and while an inner supervisord holds the workers
+    (``dep.holder``, README "Generations") its own ``supervisord-gN.conf``:
+    the front's then keeps nginx and the metrics and runs the inner one as
+    ``[program:<name>_sN]``; the inner one holds the worker group, the
+    watchdog and the TCP control port."""
+    ctx = context(dep, host, conf_dir)
+    if not dep.holder:
+        return render_templates(dep, ctx, {"supervisord.conf": FILES["supervisord.conf"]})
+    inner_name = os.path.basename(dep.supervisord_conf)
+    inner = dict(ctx, is_front=False)
+    front = dict(ctx, holds_workers=False, inner_program=dep.supervisord_program,
+                 inner_conf=os.path.join(conf_dir, inner_name), inet_port="",
+                 front_port=dep.generation.front_port, control_socket=dep.front_control_socket,
+                 supervisord_pidfile=dep.front_pidfile, supervisord_conf=dep.front_conf,
+                 supervisord_log="supervisord.log", identifier=dep.name)
+    out = render_templates(dep, front, {"supervisord.conf": FILES["supervisord.conf"]})
+    out.update(render_templates(dep, inner, {inner_name: FILES["supervisord.conf"]}))
+    return out
 
 
 def render_all(dep: Deployment, host: Host, conf_dir: str) -> dict[str, str]:
@@ -337,7 +364,8 @@ def render_all(dep: Deployment, host: Host, conf_dir: str) -> dict[str, str]:
     if not dep.multi_host or dep.host is not None:
         check_capacity(dep, host)   # this machine runs the workers
     if not dep.multi_host:
-        return _render_files(dep, host, conf_dir, HOST_FILES + SITE_FILES[dep.web.server])
+        return {**supervisord_files(dep, host, conf_dir),
+                **_render_files(dep, host, conf_dir, SITE_FILES[dep.web.server])}
     if dep.host is not None:
         return _render_files(dep, host, conf_dir, HOST_FILES)
     out = _render_files(dep, host, conf_dir, WEB_SERVER_FILES)
@@ -393,7 +421,8 @@ def write_rendered(dep: Deployment, files: Mapping[str, str], out_dir: str) -> l
     """Write what :func:`render_all` made; a supervisord.conf that carries the
     TCP control port's password is readable by its owner only."""
     private = 0o600 if dep.control.password else 0o644
-    modes = {name: private for name in files if os.path.basename(name) == "supervisord.conf"}
+    modes = {name: private for name in files
+             if re.fullmatch(r"supervisord(-g\d+)?\.conf", os.path.basename(name))}
     return write_atomic(files, out_dir, modes=modes)
 
 

@@ -173,6 +173,9 @@ def _remove_stale_socket(dep: Deployment) -> None:
                 os.unlink(view.socket_path)
             except FileNotFoundError:
                 pass
+    remains = leftovers.find(dep)
+    if not remains.processes:          # an inner supervisord's files, once nothing runs
+        leftovers.forget_inner_files(remains)
 
 
 def add_arguments_run(parser: argparse.ArgumentParser) -> None:

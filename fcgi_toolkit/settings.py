@@ -226,7 +226,9 @@ class Applied(enum.Enum):
     NGINX = "nginx graceful reload"         # nginx files re-rendered, HUP to nginx
     GENERATION = "new generation"           # rendered into [fcgi-program]: a new group in the
                                             # same supervisord, nginx switched to it
-    SUPERVISORD = "needs a new supervisord"  # rendered into supervisord.conf itself
+    SUPERVISORD = "new supervisord"         # supervisord's own sections ([control]): a new
+                                            # generation in a new inner supervisord
+    RESTART = "stop and run again"          # what `run` itself set up: no generation takes it
 
 
 #: The one table of how each key is applied (README's settings table shows
@@ -252,8 +254,9 @@ APPLIED_BY: Mapping[str, Applied] = MappingProxyType({
         "workers.socket_mode", "workers.socket_owner", "workers.user",
         "workers.graceful_timeout", "nginx.web_servers")},
     **{key: Applied.SUPERVISORD for key in (
+        "control.inet_port", "control.username", "control.password")},
+    **{key: Applied.RESTART for key in (
         "app.name", "nginx.managed", "nginx.binary", "runtime.dir", "runtime.log_dir", "runtime.templates", "metrics.listen",
-        "control.inet_port", "control.username", "control.password",
         "control.system_supervisord", "web.server", "hosts")},
 })
 
@@ -420,16 +423,44 @@ class Deployment:
         return os.path.join(self.runtime_dir, "watchdog-state.json")
 
     @property
+    def holder(self) -> int:
+        """Which supervisord holds the workers: 0 the front (the one ``run``
+        started), N the inner supervisord generation N started in it."""
+        return self.generation.supervisord if self.generation is not None else 0
+
+    def _supervisord_file(self, filename: str, number: int) -> str:
+        return os.path.join(self.runtime_dir, names.supervisord_file(filename, number))
+
+    @property
     def control_socket(self) -> str:
-        return os.path.join(self.runtime_dir, "supervisor.sock")
+        """The private control socket of the supervisord holding the workers."""
+        return self._supervisord_file("supervisor.sock", self.holder)
 
     @property
     def supervisord_conf(self) -> str:
-        return os.path.join(self.runtime_dir, "supervisord.conf")
+        return self._supervisord_file("supervisord.conf", self.holder)
 
     @property
     def supervisord_pidfile(self) -> str:
-        return os.path.join(self.runtime_dir, "supervisord.pid")
+        return self._supervisord_file("supervisord.pid", self.holder)
+
+    @property
+    def supervisord_program(self) -> str:
+        """The front's program of the inner supervisord holding the workers ("" for the front)."""
+        return names.supervisord_program(self.name, self.holder) if self.holder else ""
+
+    @property
+    def front_control_socket(self) -> str:
+        """The front's control socket: the managed nginx and the inner supervisords live there."""
+        return self._supervisord_file("supervisor.sock", 0)
+
+    @property
+    def front_conf(self) -> str:
+        return self._supervisord_file("supervisord.conf", 0)
+
+    @property
+    def front_pidfile(self) -> str:
+        return self._supervisord_file("supervisord.pid", 0)
 
     @property
     def socket_url(self) -> str:
@@ -484,6 +515,8 @@ class Deployment:
             control_socket=self.control_socket,
             supervisord_conf=self.supervisord_conf,
             supervisord_pidfile=self.supervisord_pidfile,
+            front_pidfile=self.front_pidfile,
+            holder=self.holder,
             socket_url=self.socket_url,
             socket_is_unix=self.socket_is_unix,
             socket_path=self.socket_path,

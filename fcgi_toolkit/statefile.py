@@ -175,6 +175,18 @@ class State:
             self.update_slot(name, backoff_until=until)
         return until
 
+    def move_slots(self, old: Sequence[str], new: Sequence[str]) -> None:
+        """A new generation serves: each slot's recycle counts move to the
+        new slot of the same index (the operator's view goes on); the old
+        group's recycles and reload are the old watchdog's, and end."""
+        for before, after in zip(old, new):
+            h = self.slot(before)
+            self.update_slot(after, recycles=h.recycles, last_reason=h.last_reason,
+                             last_time=h.last_time, by_reason=dict(h.by_reason))
+            self.slots.pop(before, None)
+        self.recycle.clear()
+        self.reload = None
+
     def fresh_start(self) -> None:
         """Forget every backoff and flap (new code may cure what caused them)."""
         self.flap_level = 0

@@ -24,7 +24,11 @@ thin I/O shell (RPC, the watchdog's sampler, state file) shared by the
                                          # ([] none; null unknown: no snapshot)
      "generation": 1,            # the serving generation (README "Generations")
      "switch": null,             # a switch under way: {"old": 1, "new": 2,
-                                 #   "phase": "starting", "since": 1767225600.0}
+                                 #   "phase": "starting", "since": 1767225600.0,
+                                 #   "supervisord": 0}  (the new one's holder)
+     "supervisord": {"generation": 0,   # who holds the workers: 0 the front (run's),
+                     "program": null,   #   N the inner one generation N started ("wiki_s3")
+                     "conf": "/srv/wiki/run/supervisord.conf"},   # supervisorctl -c CONF
      "workers": [
        {"name": "wiki_00",
         "state": "busy",         # see STATES
@@ -110,10 +114,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Exit status: 0 shown; 1 supervisord (or, on a multi-host web
     server, any host) did not answer; 2 bad deployment file."""
-    from fcgi_toolkit import settings, supervisord
+    from fcgi_toolkit import generations, settings, supervisord
     dep = settings.load(args.config)
     if dep.multi_host and dep.host is None:
         return run_hosts(dep, args.json, args.timeout)
+    dep = generations.serving(dep)      # its workers' supervisord: the front or an inner one
     try:
         status = gather(dep, supervisord.control_proxy(dep))
     except SupervisorUnavailable as exc:

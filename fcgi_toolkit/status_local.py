@@ -121,6 +121,7 @@ class GroupStatus:
     drift: Optional[tuple[str, ...]] = None       # keys the file changed since run/apply; None: unknown
     generation: int = 1                           # the serving generation (README "Generations")
     switch: Optional[Mapping[str, Any]] = None    # a generation switch under way: old, new, phase, since
+    supervisord: Optional[Mapping[str, Any]] = None  # which supervisord holds the workers
 
     @property
     def ready(self) -> int:
@@ -283,7 +284,15 @@ def gather(dep: "Deployment", rpc: Any, now: Optional[float] = None,
                                 statefile.read_state(dep.state_path), now),
                    drift=None if keys is None else tuple(keys),
                    generation=dep.generation_number,
-                   switch=None if switch is None else asdict(switch))
+                   switch=None if switch is None else asdict(switch),
+                   supervisord=holder_json(dep))
+
+
+def holder_json(dep: "Deployment") -> dict:
+    """Which supervisord holds the serving workers (README "Generations"):
+    the front (generation 0) or an inner one, and how supervisorctl reaches it."""
+    return {"generation": dep.holder, "program": dep.supervisord_program or None,
+            "conf": dep.supervisord_conf}
 
 
 def _unavailable_reason(dep: "Deployment", exc: OSError, server_url: Optional[str]) -> str:

@@ -27,6 +27,9 @@ def summary_line(status: GroupStatus) -> str:
     line = ", ".join(parts)
     if status.generation > 1:
         line += "; generation %d" % status.generation
+    if status.supervisord and status.supervisord.get("program"):
+        line += " in supervisord %s (supervisorctl -c %s)" % (
+            status.supervisord["program"], status.supervisord["conf"])
     if status.switch:
         line += "; generation switch in progress (%s -> %s: %s)" % (
             status.switch.get("old"), status.switch.get("new"), status.switch.get("phase"))
@@ -82,6 +85,7 @@ def to_json(status: GroupStatus) -> dict:
         "drift": None if status.drift is None else list(status.drift),
         "generation": status.generation,
         "switch": None if status.switch is None else dict(status.switch),
+        "supervisord": None if status.supervisord is None else dict(status.supervisord),
         "workers": [worker_json(w) for w in status.workers],
     }
 

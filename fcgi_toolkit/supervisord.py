@@ -60,11 +60,21 @@ def proxy(serverurl: str, username: Optional[str] = None, password: Optional[str
 
 
 def control_proxy(dep: Any) -> Any:
-    """The ``supervisor`` namespace of the deployment's supervisord: its own
-    private unix socket, or control.system_supervisord's ``[supervisorctl]``."""
+    """The ``supervisor`` namespace of the supervisord holding the workers
+    (``dep``'s generation's: the front or an inner one, each on its own
+    private unix socket), or control.system_supervisord's ``[supervisorctl]``."""
     from fcgi_toolkit.supervisorconf import control_client
     client = control_client(dep)
     return proxy(client.serverurl, client.username or None, client.password or None).supervisor
+
+
+def front_proxy(dep: Any) -> Any:
+    """The ``supervisor`` namespace of the front: the supervisord ``run``
+    started, home of the managed nginx and of every inner supervisord
+    (README "Generations"); :func:`control_proxy` when there is none."""
+    if dep.control.system_supervisord:
+        return control_proxy(dep)
+    return proxy("unix://" + dep.front_control_socket).supervisor
 
 
 def listener_proxy(env: Mapping[str, str]) -> xmlrpc.client.ServerProxy:

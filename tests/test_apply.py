@@ -29,7 +29,7 @@ def _dep(tmp_path, **sections):
 def test_every_key_has_exactly_one_documented_way_to_take_effect():
     keys = {s.key for s in settings.REGISTRY} | {"hosts"}
     assert set(settings.APPLIED_BY) == keys
-    assert settings.applied_by("hosts[0].count") is Applied.SUPERVISORD
+    assert settings.applied_by("hosts[0].count") is Applied.RESTART
     table = settings.settings_table()
     for way in Applied:
         assert way.value in table
@@ -52,11 +52,14 @@ def test_plan_groups_keys_by_how_they_take_effect():
     assert p.rolling == ("workers.threads",)
     assert p.nginx == ("nginx.read_timeout",)
     assert p.generation == ("workers.socket",) and p.count == ("workers.count",)
-    assert not p.supervisord and "workers.socket" in p.applicable
+    assert not p.restart and not p.supervisord and "workers.socket" in p.applicable
     assert p.needs_watchdog and not applying.plan(["nginx.listen"]).needs_watchdog
     beyond = applying.plan(["workers.count", "workers.standby"], fits=False)
     assert beyond.generation == ("workers.count", "workers.standby") and not beyond.count
-    assert applying.plan(["metrics.listen"]).supervisord == ("metrics.listen",)
+    assert applying.plan(["metrics.listen"]).restart == ("metrics.listen",)
+    control = applying.plan(["control.inet_port", "control.username", "limits.max_rss"])
+    assert control.supervisord == ("control.inet_port", "control.username")
+    assert "control.inet_port" in control.applicable and control.watchdog == ("limits.max_rss",)
 
 
 def test_spare_slots_fit_a_larger_count_and_only_count_plus_standby_are_used(tmp_path):
@@ -76,7 +79,7 @@ def test_after_keeps_unapplied_keys_so_their_drift_stays_visible():
 
 # -- the command's I/O shell, without a running deployment ------------------------
 
-def test_a_key_needing_a_new_supervisord_is_reported_not_applied(tmp_path):
+def test_a_key_needing_stop_and_run_again_is_reported_not_applied(tmp_path):
     dep = _dep(tmp_path)
     os.makedirs(dep.runtime_dir)
     applying.save(dep, applying.values(dep))
@@ -86,9 +89,9 @@ def test_a_key_needing_a_new_supervisord_is_reported_not_applied(tmp_path):
     assert applying.drift(dep) == ["workers.count", "workers.socket", "metrics.listen"]
     out, err = io.StringIO(), io.StringIO()
     assert applying.apply(dep, out, err) == 1
-    assert "needs a new supervisord (stop and run again): metrics.listen" in err.getvalue()
-    # 3 + 1 > 3 slots and the socket: a generation, which waits for the supervisord key.
-    assert ("a new generation waits for the keys that need a new supervisord: "
+    assert "not applied, stop and run again: metrics.listen" in err.getvalue()
+    # 3 + 1 > 3 slots and the socket: a generation, which waits for the restart key.
+    assert ("a new generation waits for the keys that need stop and run again: "
             "workers.count, workers.socket") in err.getvalue()
     assert applying.load(dep) == before   # still drifting: status keeps saying so
 

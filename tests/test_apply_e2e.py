@@ -73,12 +73,11 @@ def test_apply_under_load_limits_threads_and_nginx_with_zero_failures(cluster):
     statuses = c.access_log_statuses()
     assert statuses[502] == 0 and statuses[504] == 0, statuses
 
-    # A key that needs a new supervisord is reported by name, not skipped.
-    c.edit(control={"inet_port": "127.0.0.1:%d" % free_port(), "username": "u", "password": "p"})
+    # A key only `run` sets up is reported by name, not skipped.
+    c.edit(metrics={"listen": "127.0.0.1:%d" % free_port()})
     r = c.toolkit("apply", "-c", c.deploy_path, timeout=60)
-    assert r.returncode == 1 and "control.inet_port" in r.stderr, r.stdout + r.stderr
-    assert c.status_json()["drift"] == ["control.inet_port", "control.username",
-                                        "control.password"]
+    assert r.returncode == 1 and "stop and run again: metrics.listen" in r.stderr, r.stdout + r.stderr
+    assert c.status_json()["drift"] == ["metrics.listen"]
 
 
 def test_watched_deployment_file_is_applied_when_it_changes_zero_failures(cluster):

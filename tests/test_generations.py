@@ -23,15 +23,17 @@ RUNNING, STOPPED, BACKOFF = ProcessStates.RUNNING, ProcessStates.STOPPED, Proces
 
 # -- which keys ----------------------------------------------------------------
 
-def test_the_fcgi_program_keys_take_a_generation_and_supervisord_keys_still_refuse():
+def test_the_fcgi_program_keys_take_a_generation_control_a_new_supervisord_the_rest_refuse():
     fcgi_program = {"workers.socket", "workers.socket_mode", "workers.socket_owner", "app.python",
                     "app.directory", "workers.user", "workers.graceful_timeout",
                     "workers.max_slots", "nginx.web_servers"}
     assert {k for k, way in settings.APPLIED_BY.items() if way is Applied.GENERATION} == fcgi_program
     assert {k for k, way in settings.APPLIED_BY.items() if way is Applied.SUPERVISORD} == {
+        "control.inet_port", "control.username", "control.password"}
+    assert {k for k, way in settings.APPLIED_BY.items() if way is Applied.RESTART} == {
         "app.name", "nginx.managed", "nginx.binary", "runtime.dir", "runtime.log_dir",
-        "runtime.templates", "metrics.listen", "control.inet_port", "control.username",
-        "control.password", "control.system_supervisord", "web.server", "hosts"}
+        "runtime.templates", "metrics.listen", "control.system_supervisord", "web.server",
+        "hosts"}
     p = applying.plan(["app.python", "limits.max_rss", "workers.count"], fits=False)
     assert p.generation == ("app.python", "workers.count") and p.watchdog == ("limits.max_rss",)
 
@@ -387,8 +389,244 @@ def test_status_and_metrics_say_which_generation_serves_and_that_a_switch_is_und
         "; generation 2; generation switch in progress (1 -> 2: draining)")
     obj = status.to_json(group)
     assert obj["generation"] == 2 and obj["switch"] == {
-        "old": 1, "new": 2, "phase": "draining", "since": NOW - 2}
+        "old": 1, "new": 2, "phase": "draining", "since": NOW - 2, "supervisord": 0}
     m = scrape(metrics.GroupCollector(dep, lambda: RecordingRPC(procs), clock=lambda: NOW))
     assert m[("fcgi_generation", ())] == 2 and m[("fcgi_generation_switch", ())] == 1
     generations.end_switch(dep.runtime_dir)
     assert status.gather(dep, RecordingRPC(procs), now=NOW).switch is None
+
+
+# -- supervisord generations: the pure plan, the control port, the rendered files ------
+
+Step, Undo = switch_plan.Step, switch_plan.Undo
+
+
+def test_the_plan_of_each_kind_of_switch_and_what_undoes_a_failed_one():
+    group = switch_plan.plan(0, 0)
+    assert group == (Step.START_WORKERS, Step.SWITCH_NGINX, Step.RECORD, Step.FOLLOW, Step.DRAIN)
+    assert switch_plan.plan(3, 3) == group            # a group generation inside an inner one
+    front_to_inner = switch_plan.plan(0, 2)
+    assert front_to_inner == (Step.START_SUPERVISORD, Step.START_WORKERS, Step.SWITCH_NGINX,
+                              Step.RECORD, Step.STOP_OLD_WATCHDOG, Step.START_NEW_WATCHDOG,
+                              Step.DRAIN)
+    inner_to_inner = switch_plan.plan(2, 3)
+    assert inner_to_inner[:-1] == front_to_inner[:-1]
+    assert inner_to_inner[-1] is Step.STOP_OLD_SUPERVISORD   # it drains its own workers
+    with pytest.raises(ValueError):
+        switch_plan.plan(3, 2)
+    # Before the new generation serves, a failure is undone; after, it is not.
+    assert switch_plan.undo(group, Step.START_WORKERS) == (Undo.STOP_NEW_WORKERS, Undo.RESTORE_CONF)
+    assert switch_plan.undo(group, Step.SWITCH_NGINX) == (
+        Undo.RESTORE_NGINX, Undo.STOP_NEW_WORKERS, Undo.RESTORE_CONF)
+    for failed in (Step.START_SUPERVISORD, Step.START_WORKERS):
+        assert switch_plan.undo(inner_to_inner, failed) == (
+            Undo.STOP_NEW_SUPERVISORD, Undo.RESTORE_CONF)
+    assert switch_plan.undo(front_to_inner, Step.SWITCH_NGINX)[0] is Undo.RESTORE_NGINX
+    for served in (Step.RECORD, Step.START_NEW_WATCHDOG, Step.DRAIN, Step.STOP_OLD_SUPERVISORD):
+        with pytest.raises(ValueError, match="serves already"):
+            switch_plan.undo(inner_to_inner, served)
+
+
+def test_check_supervisord_needs_its_program_running_and_its_socket_answering():
+    up = {"name": "wiki_s2", "state": RUNNING}
+    assert switch_plan.check_supervisord(up, {"statename": "RUNNING"}, 1, 15).ready
+    assert switch_plan.check_supervisord(up, None, 1, 15) == switch_plan.Verdict()
+    assert switch_plan.check_supervisord({"name": "wiki_s2", "state": ProcessStates.STARTING},
+                                         {"statename": "RUNNING"}, 1, 15) == switch_plan.Verdict()
+    assert switch_plan.check_supervisord({"name": "wiki_s2", "state": BACKOFF}, None, 1, 15
+                                         ).failed == "wiki_s2 did not start (BACKOFF)"
+    assert "not up within" in switch_plan.check_supervisord(up, None, 15, 15).failed
+
+
+def test_a_new_supervisord_cannot_bind_a_control_port_a_running_one_holds(tmp_path):
+    control = {"inet_port": "9001", "username": "ops", "password": "pw"}
+    dep = _dep(tmp_path, control=control)
+    one = generations.first(dep)
+    assert (one.supervisord, one.front_port, one.control_port) == (0, "127.0.0.1:9001", "127.0.0.1:9001")
+    with pytest.raises(generations.ControlPortCollision,
+                       match="change control.inet_port, or remove it, apply, and add it again"):
+        generations.successor(dep, one, new_supervisord=True)     # the upgrade case, port kept
+    moved = _dep(tmp_path, control=dict(control, inet_port="127.0.0.1:9002"))
+    two = generations.successor(moved, one, new_supervisord=True)
+    assert (two.number, two.supervisord, two.control_port, two.front_port) == (
+        2, 2, "127.0.0.1:9002", "127.0.0.1:9001")
+    # The front holds 9001 until it stops: an inner one cannot take it back.
+    with pytest.raises(generations.ControlPortCollision, match="the front supervisord"):
+        generations.successor(dep, two, new_supervisord=True)
+    # A group generation stays in the serving supervisord, with its port.
+    three = generations.successor(moved, two)
+    assert (three.supervisord, three.control_port) == (2, "127.0.0.1:9002")
+    assert generations.from_json(generations.to_json(three)) == three
+    plain = generations.successor(_dep(tmp_path), generations.first(_dep(tmp_path)), True)
+    assert (plain.supervisord, plain.control_port) == (2, "")
+    with pytest.raises(settings.ConfigError, match="change control.inet_port"):
+        os.makedirs(dep.runtime_dir, exist_ok=True)
+        switch.prepare(dep, new_supervisord=True)
+
+
+def test_an_inner_supervisord_holds_the_workers_and_the_front_keeps_nginx(tmp_path):
+    dep = _dep(tmp_path, control={"inet_port": "127.0.0.1:9002", "username": "ops",
+                                  "password": "pw"})
+    gen = generations.successor(dep, generations.first(_dep(tmp_path)), new_supervisord=True)
+    view = generations.attach(dep, gen)
+    assert view.control_socket == os.path.join(dep.runtime_dir, "supervisor-g2.sock")
+    assert view.supervisord_pidfile.endswith("/supervisord-g2.pid")
+    assert view.front_control_socket == dep.control_socket     # the file's own view: the front
+    files = render.render_all(view, HOST, dep.runtime_dir)
+    assert set(files) == {"supervisord.conf", "supervisord-g2.conf", "nginx.conf", "nginx-site.conf"}
+    front, inner = files["supervisord.conf"], files["supervisord-g2.conf"]
+    assert "[program:wiki_s2]" in front and "[program:wiki_nginx]" in front
+    assert ("lifeline --pidfile %s --signal TERM -- %s -m supervisor.supervisord -n -c %s\n"
+            % (dep.front_pidfile, dep.python, view.supervisord_conf)) in front
+    assert "--pidfile %s --signal QUIT" % dep.front_pidfile in front
+    assert "[fcgi-program:" not in front and "[eventlistener:" not in front
+    assert "[inet_http_server]" not in front
+    assert "file=%s\n" % dep.control_socket in front
+    assert "stopwaitsecs=%d\n" % render.stop_waits(view)["supervisord"] in front
+    assert "[fcgi-program:wiki_g2]" in inner and "[eventlistener:wiki_watchdog]" in inner
+    assert "[program:wiki_nginx]" not in inner and "[program:wiki_s2]" not in inner
+    assert "[inet_http_server]\nport=127.0.0.1:9002\nusername=ops\npassword=pw\n" in inner
+    assert "file=%s\n" % view.control_socket in inner
+    assert "serverurl=unix://%s\n" % view.control_socket in inner
+    assert "pidfile=%s\n" % view.supervisord_pidfile in inner
+    assert "logfile=%s/supervisord-g2.log\n" % dep.log_dir in inner
+    assert "identifier=wiki_s2\n" in inner
+    watchdog = inner[inner.index("[eventlistener:wiki_watchdog]"):]
+    assert "autostart=false\n" in watchdog.split("\n\n")[0]     # apply starts it
+    render.write_rendered(view, files, dep.runtime_dir)
+    assert os.stat(view.supervisord_conf).st_mode & 0o777 == 0o600   # it holds the password
+
+
+class FakeHolder(FakeSupervisor):
+    """A supervisord that may hold inner supervisords as programs ([program:x_sN])."""
+
+    def conf_groups(self):
+        with open(self.conf_path, encoding="utf-8") as f:
+            return [line.strip()[1:-1].split(":", 1)[1] for line in f
+                    if line.startswith(("[fcgi-program:", "[program:"))
+                    and "_nginx]" not in line]
+
+    def addProcessGroup(self, group):
+        if "_s" not in group:
+            return super().addProcessGroup(group)
+        self.calls.append(("addProcessGroup", group))
+        self.groups[group] = {group: (STOPPED, 0)}
+        return True
+
+    def getProcessInfo(self, name):
+        slots, slot = self._slot("%s:%s" % (name, name) if ":" not in name else name)
+        return {"name": slot, "state": slots[slot][0], "pid": slots[slot][1]}
+
+    def getState(self):
+        return {"statename": "RUNNING"}
+
+    def startProcess(self, namespec, wait):
+        if ":" not in namespec:
+            namespec = "%s:%s" % (namespec, namespec)
+        return super().startProcess(namespec, wait)
+
+    def stopProcess(self, namespec, wait):
+        if ":" not in namespec:
+            namespec = "%s:%s" % (namespec, namespec)
+        return super().stopProcess(namespec, wait)
+
+
+def _supervisord_world(tmp_path, old_holder=0, fail_inner=False, fail_workers=False):
+    """The front (with the old generation, or with inner supervisord ``old_holder``
+    holding it) and the supervisords a switch to a new inner one talks to."""
+    dep = _dep(tmp_path, workers={"count": 2, "standby": 1})
+    os.makedirs(dep.runtime_dir, exist_ok=True)
+    if old_holder:
+        gen = generations.successor(dep, generations.first(dep), new_supervisord=True)
+        generations.write(dep.runtime_dir, gen)
+    serving = generations.serving(dep)
+    render.render(serving, host=HOST)
+    old, new = switch.prepare(dep, new_supervisord=True)
+    slots = {n: (RUNNING, i + 1) if i < 2 else (STOPPED, 0)
+             for i, n in enumerate(old.slot_names())}
+    old_sup = FakeHolder({old.group: slots, "wiki_watchdog": {"wiki_watchdog": (RUNNING, 9)}})
+    if old_holder:
+        front = FakeHolder({old.supervisord_program: {old.supervisord_program: (RUNNING, 50)}})
+    else:
+        front = old_sup
+    front.conf_path = dep.supervisord_conf
+    new_sup = FakeHolder({new.group: {n: (STOPPED, 0) for n in new.slot_names()},
+                          "wiki_watchdog": {"wiki_watchdog": (STOPPED, 0)}},
+                         fail_group=new.group if fail_workers else "")
+    if fail_inner:
+        front.fail_group = new.supervisord_program
+    holders = {old.holder: old_sup, new.holder: new_sup}
+    events = []
+
+    def ready(view):
+        return {n: pid for n, (st, pid) in holders[view.holder].groups.get(view.group, {}).items()
+                if st == RUNNING}
+
+    def reload_nginx(view):
+        events.append(("nginx", view.socket_url))
+        return {}
+
+    sw = switch.Switcher(old, new, front, io.StringIO(), host=HOST, ready=ready,
+                         reload_nginx=reload_nginx, nginx_done=lambda view, before: None,
+                         notify=lambda view, out: events.append("notified"),
+                         connect=lambda view: holders[view.holder],
+                         clock=lambda: float(next(_TICKS)), sleep=lambda s: None)
+    return dep, old, new, front, old_sup, new_sup, events, sw
+
+
+_TICKS = iter(range(0, 10**9))
+
+
+def test_front_to_inner_starts_the_inner_one_moves_nginx_then_retires_the_front_workers(tmp_path):
+    dep, old, new, front, old_sup, new_sup, events, sw = _supervisord_world(tmp_path)
+    statefile.save_state(dep.state_path, statefile.State())
+    state = statefile.load_state(dep.state_path)
+    state.update_slot("wiki_01", recycles=4, last_reason="requests 9 >= 9")
+    statefile.save_state(dep.state_path, state)
+    message = sw.run()
+    assert "serves" in message and "in wiki_s2" in message, message
+    assert front is old_sup and front.calls == [
+        ("reloadConfig",), ("addProcessGroup", "wiki_s2"), ("startProcess", "wiki_s2:wiki_s2"),
+        ("stopProcess", "wiki_watchdog:wiki_watchdog"), ("removeProcessGroup", "wiki_watchdog"),
+        ("stopProcess", "wiki:wiki_00"), ("stopProcess", "wiki:wiki_01"),
+        ("removeProcessGroup", "wiki")]
+    assert new_sup.calls == [
+        ("startProcess", "wiki_g2:wiki_g2_00"), ("startProcess", "wiki_g2:wiki_g2_01"),
+        ("startProcess", "wiki_watchdog:wiki_watchdog")]
+    assert events == [("nginx", new.socket_url)]                 # no re-read: a new watchdog
+    assert set(front.groups) == {"wiki_s2"}
+    assert generations.read(dep.runtime_dir) == new.generation and new.holder == 2
+    assert generations.read_switch(dep.runtime_dir) is None
+    conf = open(dep.supervisord_conf).read()
+    assert "[program:wiki_s2]" in conf and "[fcgi-program:" not in conf
+    assert "[fcgi-program:wiki_g2]" in open(new.supervisord_conf).read()
+    moved = statefile.load_state(dep.state_path).slot("wiki_g2_01")     # history by index
+    assert (moved.recycles, moved.last_reason) == (4, "requests 9 >= 9")
+
+
+def test_inner_to_inner_stops_the_old_inner_supervisord_which_drains_its_workers(tmp_path):
+    dep, old, new, front, old_sup, new_sup, events, sw = _supervisord_world(tmp_path, old_holder=2)
+    assert (old.holder, new.holder, new.generation_number) == (2, 3, 3)
+    sw.run()
+    assert front.calls == [
+        ("reloadConfig",), ("addProcessGroup", "wiki_s3"), ("startProcess", "wiki_s3:wiki_s3"),
+        ("stopProcess", "wiki_s2:wiki_s2"), ("removeProcessGroup", "wiki_s2")]
+    assert old_sup.calls == [("stopProcess", "wiki_watchdog:wiki_watchdog")]   # before the new one
+    assert new_sup.calls[-1] == ("startProcess", "wiki_watchdog:wiki_watchdog")
+    assert set(front.groups) == {"wiki_s3"}
+    assert not os.path.exists(old.supervisord_conf) and os.path.exists(new.supervisord_conf)
+
+
+@pytest.mark.parametrize("failing", ["inner", "workers"])
+def test_a_new_supervisord_that_does_not_come_up_is_stopped_and_removed(tmp_path, failing):
+    dep, old, new, front, old_sup, new_sup, events, sw = _supervisord_world(
+        tmp_path, old_holder=2, fail_inner=failing == "inner", fail_workers=failing == "workers")
+    conf = open(dep.supervisord_conf).read()
+    with pytest.raises(switch.SwitchFailed, match="generation 3: wiki_s3|wiki_g3_00 did not start"):
+        sw.run()
+    assert front.calls[-3:] == [("stopProcess", "wiki_s3:wiki_s3"), ("removeProcessGroup", "wiki_s3"),
+                                ("reloadConfig",)]
+    assert set(front.groups) == {"wiki_s2"} and old_sup.calls == [] and events == []
+    assert open(dep.supervisord_conf).read() == conf
+    assert not os.path.exists(new.supervisord_conf)
+    assert generations.current(dep) == old.generation and generations.read_switch(dep.runtime_dir) is None

@@ -3,6 +3,7 @@
 value in effect afterwards (README "Generations")."""
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import subprocess
@@ -35,18 +36,18 @@ def _phases_seen(c, apply: subprocess.Popen) -> list:
     return seen
 
 
-def _switch_under_load(c, expect: int = 0, phases=None, **edits):
-    """Edit the file and apply it while 64 clients keep the 2 workers past capacity;
-    ``phases``: what status said during the switch, in order."""
+def _switch_under_load(c, expect: int = 0, phases=None, args=(), **edits):
+    """Edit the file and apply it (with ``args``) while 64 clients keep the 2
+    workers past capacity; ``phases``: what status said during the switch, in order."""
     c.edit(**edits)
     load = c.load(SLOW, threads=64, duration=90).start()
     try:
         wait_for(lambda: load.total >= 64, 30, "the load to be served before apply")
         if phases is None:
-            r = c.toolkit("apply", "-c", c.deploy_path, timeout=150)
+            r = c.toolkit("apply", "-c", c.deploy_path, *args, timeout=150)
         else:
             apply = subprocess.Popen([sys.executable, "-m", "fcgi_toolkit", "apply", "-c",
-                                      c.deploy_path], stdin=subprocess.DEVNULL,
+                                      c.deploy_path, *args], stdin=subprocess.DEVNULL,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             phases.extend(_phases_seen(c, apply))
             out, err = apply.communicate(timeout=150)
@@ -147,7 +148,11 @@ def _system_nginx_conf(root: str, site: str) -> str:
             % {"r": root, "u": user, "s": site})
 
 
-def test_system_nginx_follows_a_socket_change_through_nginx_s_reload(tmp_path):
+@contextlib.contextmanager
+def system_nginx_cluster(tmp_path, name: str):
+    """A started Cluster with nginx.managed = false and a system nginx the test
+    started on its rendered site file (reloaded with ``nginx -c CONF -s reload``):
+    yields (cluster, the nginx master's Popen)."""
     if not nginx_available():
         pytest.skip("nginx is not on PATH (or in /usr/sbin)")
     nginx = render.find_nginx()
@@ -157,7 +162,7 @@ def test_system_nginx_follows_a_socket_change_through_nginx_s_reload(tmp_path):
     workers = {"threads": 1}
     if dropping_privileges():
         workers["socket_owner"] = "root:%s" % WEB_USER
-    c = Cluster(tmp_path / "c", "core_app:application", name="gy", recycle=dict(FAST),
+    c = Cluster(tmp_path / "c", "core_app:application", name=name, recycle=dict(FAST),
                 workers=workers, nginx={"managed": False, "reload": [nginx, "-c", conf, "-s", "reload"]})
     proc = None
     try:
@@ -170,6 +175,16 @@ def test_system_nginx_follows_a_socket_change_through_nginx_s_reload(tmp_path):
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 start_new_session=True)
         wait_for(lambda: port_open(c.port), 20, "the system nginx")
+        yield c, proc
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            proc.wait(20)
+        c.stop()
+
+
+def test_system_nginx_follows_a_socket_change_through_nginx_s_reload(tmp_path):
+    with system_nginx_cluster(tmp_path, "gy") as (c, proc):
         master_before = proc.pid
         new_path = os.path.join(c.runtime_dir, "sys2.sock")
         phases = []
@@ -180,8 +195,3 @@ def test_system_nginx_follows_a_socket_change_through_nginx_s_reload(tmp_path):
         assert proc.pid == master_before and proc.poll() is None      # reloaded, not restarted
         assert "server unix:%s max_fails=0;" % new_path in open(
             os.path.join(c.runtime_dir, "nginx-site.conf")).read()
-    finally:
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            proc.wait(20)
-        c.stop()

@@ -39,6 +39,9 @@ PY = "/venv/bin/python"
     (["/usr/sbin/nginx", "-c", SIG.nginx_conf], Kind.NGINX),
     # nginx rewrites its title into one string
     (["nginx: master process /usr/sbin/nginx -c %s" % SIG.nginx_conf], Kind.NGINX),
+    # an inner supervisord (README "Generations"), after its lifeline's exec
+    ([PY, "-m", "supervisor.supervisord", "-n", "-c", "/run/app/supervisord-g3.conf"],
+     Kind.SUPERVISORD),
 ])
 def test_classify_the_commands_supervisord_runs(cmdline, kind):
     assert leftovers.classify(cmdline, SIG) is kind
@@ -56,6 +59,8 @@ def test_classify_the_commands_supervisord_runs(cmdline, kind):
     ["/usr/sbin/nginx", "-c", "/etc/nginx/nginx.conf"],
     ["nginx: worker process"],
     [PY, "-m", "fcgi_toolkit", "lifeline", "--pidfile", "/run/other/supervisord.pid", "--", "nginx"],
+    [PY, "-m", "supervisor.supervisord", "-n", "-c", "/run/other/supervisord-g3.conf"],
+    [PY, "-m", "supervisor.supervisord", "-n", "-c", "/run/app/supervisord-gx.conf"],
 ])
 def test_classify_leaves_other_processes_alone(cmdline):
     assert leftovers.classify(cmdline, SIG) is None
@@ -75,6 +80,24 @@ def test_describe_says_what_was_found_in_one_line():
     files_only = leftovers.describe("wiki", Remains(100, True, ()), 10.0)
     assert files_only.endswith("; no process left")
     assert Remains(None, False, ()).empty and not Remains(None, True, ()).empty
+
+
+def test_find_names_what_inner_supervisords_left_and_forget_removes_it(tmp_path):
+    path = tmp_path / "deploy.toml"
+    path.write_text('[app]\nname = "wiki"\nwsgi = "x:y"\n[runtime]\ndir = "run"\n')
+    dep = settings.load(str(path))
+    os.makedirs(dep.runtime_dir)
+    for name in ("supervisord-g2.conf", "supervisord-g2.pid", "supervisor-g2.sock",
+                 "supervisord.conf", "scoreboard"):
+        (tmp_path / "run" / name).write_text("")
+    remains = leftovers.find(dep)
+    assert [os.path.basename(p) for p in remains.inner_files] == [
+        "supervisor-g2.sock", "supervisord-g2.conf", "supervisord-g2.pid"]
+    assert not remains.empty
+    assert "inner supervisord files (supervisor-g2.sock supervisord-g2.conf supervisord-g2.pid)" \
+        in leftovers.describe("wiki", remains, 10.0)
+    leftovers.forget_inner_files(remains)
+    assert sorted(os.listdir(dep.runtime_dir)) == ["scoreboard", "supervisord.conf"]
 
 
 def test_graceful_signals():

@@ -225,7 +225,7 @@ def test_summary_and_json_name_the_keys_that_drifted():
 def test_to_json_is_the_documented_object():
     obj = json.loads(json.dumps(to_json(_sample_status())))
     assert set(obj) == {"group", "count", "standby", "ready", "recycles", "workers",
-                        "generated_at", "drift", "generation", "switch"}
+                        "generated_at", "drift", "generation", "switch", "supervisord"}
     assert obj["drift"] is None      # no applied snapshot: unknown
     assert (obj["generation"], obj["switch"]) == (1, None)
     assert (obj["group"], obj["count"], obj["standby"], obj["ready"]) == ("wiki", 2, 1, 2)
