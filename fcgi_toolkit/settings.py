@@ -108,7 +108,8 @@ REGISTRY: tuple[Setting, ...] = (
             " until a replacement starts in it (no memory held, ~1 s slower recycles)."),
     Setting("workers", "max_slots", non_negative_int, 0,
             "Process slots supervisord has (numprocs); workers.count and workers.standby can "
-            "then grow up to it with `apply`; 0: workers.count + workers.standby.", 8),
+            "then grow up to it with `apply`; at least (and 0:) workers.count + 2 x workers.standby"
+            " (a spare slot per standby, for its successor while the offender drains).", 8),
     Setting("workers", "threads", positive_int, 1,
             "Requests one worker serves at once (flup thread pool size)."),
     Setting("workers", "socket", socket_address, "",
@@ -385,8 +386,8 @@ class Deployment:
 
     @property
     def slots(self) -> int:
-        """Number of process slots (supervisord's numprocs): workers.max_slots,
-        at least serving workers plus standby slots (the generation's)."""
+        """Number of process slots (supervisord's numprocs, the generation's):
+        :func:`slot_total`."""
         if self.generation is not None:
             return self.generation.slots
         return slot_total(self.workers.count, self.workers.standby, self.workers.max_slots)
@@ -530,8 +531,11 @@ class Deployment:
 
 
 def slot_total(count: int, standby: int, max_slots: int) -> int:
-    """supervisord's numprocs for these settings (one home for the formula)."""
-    return max(max_slots, count + standby)
+    """supervisord's numprocs for these settings (one home for the formula):
+    ``max_slots``, at least the serving workers and the standbys plus a spare
+    slot per standby, so that a promoted standby's successor starts at once,
+    while the worker it took over from still drains in its own slot."""
+    return max(max_slots, count + 2 * standby)
 
 
 def _error(path: str, key: str, value: Any, reason: str) -> ConfigError:

@@ -84,13 +84,13 @@ def test_a_key_needing_stop_and_run_again_is_reported_not_applied(tmp_path):
     os.makedirs(dep.runtime_dir)
     applying.save(dep, applying.values(dep))
     before = applying.load(dep)
-    dep = _dep(tmp_path, workers={"socket": "tcp://127.0.0.1:9999", "count": 3},
+    dep = _dep(tmp_path, workers={"socket": "tcp://127.0.0.1:9999", "count": 5},
                metrics={"listen": "127.0.0.1:9998"})
     assert applying.drift(dep) == ["workers.count", "workers.socket", "metrics.listen"]
     out, err = io.StringIO(), io.StringIO()
     assert applying.apply(dep, out, err) == 1
     assert "not applied, stop and run again: metrics.listen" in err.getvalue()
-    # 3 + 1 > 3 slots and the socket: a generation, which waits for the restart key.
+    # 5 + 2 > 6 slots and the socket: a generation, which waits for the restart key.
     assert ("a new generation waits for the keys that need stop and run again: "
             "workers.count, workers.socket") in err.getvalue()
     assert applying.load(dep) == before   # still drifting: status keeps saying so
@@ -153,7 +153,7 @@ def test_apply_request_swaps_the_coordinators_and_the_samplers_limits(tmp_path):
     pids = dict(w.sup.running())
     data["limits"] = {"max_requests": 7}
     data["recycle"]["max_concurrent"] = 2
-    data["workers"]["count"] = 3            # beyond the slots (a generation): the watchdog keeps 2
+    data["workers"]["count"] = 4            # 4 + 1 > 4 slots (a generation): the watchdog keeps 2
     (tmp_path / "deploy.toml").write_text(toml_dumps(data))
     rid = statefile.enqueue(w.dep.runtime_dir, {"op": "apply", "rolling": False})
     w.passes(1)

@@ -61,15 +61,15 @@ def test_effective_socket_suffixes_a_unix_path_in_use_and_refuses_the_same_tcp_a
 
 
 def test_successor_and_the_deployment_view_follow_the_generation(tmp_path):
-    dep = _dep(tmp_path, workers={"count": 3, "max_slots": 6})
+    dep = _dep(tmp_path, workers={"count": 3, "max_slots": 8})
     one = generations.first(dep)
-    assert one == Generation(1, "wiki", dep.workers.socket, dep.scoreboard_path, 6)
+    assert one == Generation(1, "wiki", dep.workers.socket, dep.scoreboard_path, 8)
     two = generations.successor(dep, one)
-    assert (two.number, two.group, two.slots) == (2, "wiki_g2", 6)
+    assert (two.number, two.group, two.slots) == (2, "wiki_g2", 8)
     assert two.socket_url.endswith("/wiki.g2.sock")
     view = generations.attach(dep, two)
     assert (view.group, view.generation_number, view.socket_url) == ("wiki_g2", 2, two.socket_url)
-    assert view.slot_names()[0] == "wiki_g2_00" and len(view.slot_names()) == 6
+    assert view.slot_names()[0] == "wiki_g2_00" and len(view.slot_names()) == 8
     assert view.scoreboard_path.endswith("scoreboard-g2") and view.socket_path.endswith(".g2.sock")
     conf = render.render_all(view, HOST, dep.runtime_dir)["supervisord.conf"]
     assert "[fcgi-program:wiki_g2]" in conf and "--slot %(process_num)d --generation 2\n" in conf
@@ -344,7 +344,7 @@ def test_the_watchdog_follows_the_serving_generation_on_its_reread(tmp_path):
     res = statefile.result(w.dep.runtime_dir, rid)
     assert res and res["ok"], res
     assert w.co.gateway.group == "wiki_g2" and w.co.sampler.group == "wiki_g2"
-    assert w.co.slot_names == ["wiki_g2_00", "wiki_g2_01", "wiki_g2_02"]
+    assert w.co.slot_names == ["wiki_g2_%02d" % i for i in range(4)]   # 2 + 1 standby + spare
     assert w.co.sampler.scoreboard.path.endswith("scoreboard-g2")
     # The recycle history moved with the slot index: status and the counters go on.
     moved = w.co.state.slot("wiki_g2_01")

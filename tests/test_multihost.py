@@ -93,8 +93,8 @@ def test_host_view(tmp_path):
     front = parse(tmp_path, workers={"count": 2, "standby": 1})
     view = parse(tmp_path, host="web1", workers={"count": 2, "standby": 1})
     assert view.host.name == "web1" and view.hosts == front.hosts
-    assert view.workers.count == 3 and view.slots == 4
-    assert view.slot_names() == ["wiki_00", "wiki_01", "wiki_02", "wiki_03"]
+    assert view.workers.count == 3 and view.slots == 5      # 3 + 1 standby + its spare slot
+    assert view.slot_names() == ["wiki_%02d" % i for i in range(5)]
     assert view.socket_url == "tcp://127.0.0.2:9000" and not view.socket_is_unix
     assert view.runtime_dir == os.path.join(front.runtime_dir, "web1")
     assert view.log_dir == os.path.join(front.log_dir, "web1")
@@ -269,7 +269,7 @@ def test_host_supervisord_conf_parses_with_supervisor(tmp_path):
     # Bound to the host's own address only.
     assert fcgi.socket_config.url == "tcp://127.0.0.2:9000"
     assert fcgi.socket_config.addr() == ("127.0.0.2", 9000)
-    assert [p.name for p in fcgi.process_configs] == ["wiki_00", "wiki_01", "wiki_02", "wiki_03"]
+    assert [p.name for p in fcgi.process_configs] == ["wiki_%02d" % i for i in range(5)]
     p = fcgi.process_configs[2]
     # supervisor merges [supervisord] environment into each program's.
     assert p.environment == {"FCGI_TOOLKIT_SLOT": "2", "FCGI_TOOLKIT_DEPLOY": dep.path,

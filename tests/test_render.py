@@ -62,7 +62,7 @@ def test_supervisord_conf_parses_with_supervisor(tmp_path):
     assert fcgi.socket_config.url == dep.socket_url
     assert fcgi.socket_config.get_mode() == 0o660
     names = [p.name for p in fcgi.process_configs]
-    assert names == ["wiki_00", "wiki_01", "wiki_02", "wiki_03", "wiki_04"]
+    assert names == ["wiki_%02d" % i for i in range(7)]     # 3 + 2 standbys + a spare slot each
     p = fcgi.process_configs[1]
     assert p.command == "%s -m fcgi_toolkit worker -c %s --slot 1" % (dep.python, dep.path)
     from supervisor.datatypes import RestartUnconditionally

@@ -30,8 +30,8 @@ def load_error(tmp_path, text: str) -> str:
 def test_minimal_file_loads_with_defaults_and_absolute_paths(tmp_path):
     dep = settings.load(write(tmp_path, MINIMAL))
     assert dep.name == "wiki" and dep.app.wsgi == "wikiapp:application"
-    assert dep.workers.count == 2 and dep.slots == 4   # 2 standbys
-    assert dep.slot_names() == ["wiki_00", "wiki_01", "wiki_02", "wiki_03"]
+    assert dep.workers.count == 2 and dep.slots == 6   # 2 standbys, a spare slot each
+    assert dep.slot_names() == ["wiki_%02d" % i for i in range(6)]
     assert dep.app.directory == str(tmp_path)
     assert dep.runtime_dir == str(tmp_path / ".fcgi-toolkit" / "wiki")
     assert dep.log_dir == os.path.join(dep.runtime_dir, "log")
