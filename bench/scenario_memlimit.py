@@ -20,11 +20,10 @@ Ours runs at its defaults (a warm standby takes over at once,
 ``workers.warm_standby``) and, beside it, with ``warm_standby = false`` (the
 standby slot is started when a replacement is needed): the measurement that
 decides that default.  Beside them, :data:`VARIANTS`, each set explicitly:
-the defaults before 2026-12-02 (one standby, one recycle at once), two
-standbys with one recycle at once, and spare slots
-(a new standby starts as soon as one is promoted, not when the offender
-has exited): the measurements that decide ``workers.standby``,
-``recycle.max_concurrent`` and ``workers.max_slots``.
+one standby and one recycle at once, as the defaults were before 2026-12-02
+(with the spare slot every standby has since).  The run that decided
+``workers.standby``, ``recycle.max_concurrent`` and the spare slots is in
+README.rst (Performance).
 """
 from __future__ import annotations
 
@@ -51,10 +50,8 @@ COLD = "ours warm_standby = false"
 #: Ours's variants beside its defaults, each set explicitly so that a row means
 #: the same configuration whatever the defaults are: what decides them.
 VARIANTS = (
-    ("ours standby 1, max_concurrent 1 (the defaults before 2026-12-02)",
+    ("ours standby 1, max_concurrent 1 (and its spare slot)",
      {"standby": 1, "max_concurrent": 1}),
-    ("ours standby 2, max_concurrent 1", {"standby": 2, "max_concurrent": 1}),
-    ("ours + 2 spare slots (max_slots 6)", {"max_slots": 6}),
 )
 
 COLUMNS = [("rate", "leak MB/s", "s"), ("contender", "contender", "s"),
@@ -114,7 +111,8 @@ def run(ctx: Context) -> Result:
     duration = 8.0 if ctx.smoke else ctx.duration * 12
     rates = RATES[:1] if ctx.smoke else RATES
     result.notes.append("limit %d MB, %.0f s of wrk load per leak rate and contender, defaults: "
-                        "ours recycle.flap_window 60 s, check_interval 1 s, a warm standby; "
+                        "ours recycle.flap_window 60 s, check_interval 1 s, two warm standbys "
+                        "with a spare slot each, max_concurrent 2; "
                         "uWSGI min-worker-lifetime 10 s; memmon on TICK_5" % (
                             MAX_RSS // MB, duration))
     result.notes.append("limit-to-ready: first RSS sample over the limit to the first sample "

@@ -46,7 +46,7 @@ import sys
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping, Optional
 
-from fcgi_toolkit import settings, statefile
+from fcgi_toolkit import generations, settings, statefile
 from fcgi_toolkit.names import nginx_program, recycle_time, request_wait
 from fcgi_toolkit.settings import Applied, Deployment
 
@@ -107,8 +107,13 @@ def plan(changed: list[str], fits: bool = True) -> Plan:
                 tuple(by[Applied.SUPERVISORD]))
 
 
-def running_slots(running: Mapping[str, Any]) -> int:
-    """The running supervisord's slots, from the applied snapshot."""
+def running_slots(dep: Deployment, running: Mapping[str, Any]) -> int:
+    """The serving group's slots: what the generation state file recorded when
+    the group was rendered (a count or standby applied in place since does not
+    change them), else as the applied snapshot renders them."""
+    gen = generations.read(dep.runtime_dir)
+    if gen is not None:
+        return gen.slots
     return settings.slot_total(running["workers.count"], running["workers.standby"],
                                running.get("workers.max_slots", 0))
 
@@ -184,7 +189,7 @@ def apply(dep: Deployment, out: Any = sys.stdout, err: Any = sys.stderr,
               % (dep.path, snapshot_path(dep)), file=err)
         return 1
     wanted = values(dep)
-    todo = plan(diff(running, wanted), fits=dep.fits(running_slots(running)))
+    todo = plan(diff(running, wanted), fits=dep.fits(running_slots(dep, running)))
     if not todo.applicable and not todo.restart and not new_supervisord:
         print("apply: nothing changed", file=out)
         return 0

@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 
-from fcgi_toolkit import applying, render, settings, statefile
+from fcgi_toolkit import applying, generations, render, settings, statefile
 from fcgi_toolkit.settings import Applied
 from harness import toml_dumps
 from test_listener import World
@@ -67,7 +67,15 @@ def test_spare_slots_fit_a_larger_count_and_only_count_plus_standby_are_used(tmp
     assert (dep.slots, dep.used_slots) == (5, 3) and len(dep.slot_names()) == 5
     assert _dep(tmp_path, workers={"count": 3, "standby": 1}).fits(5)
     assert not _dep(tmp_path, workers={"count": 4, "standby": 2}).fits(5)
-    assert applying.running_slots(applying.values(dep)) == 5
+    assert applying.running_slots(dep, applying.values(dep)) == 5      # no group recorded yet
+    # The group's recorded slots count, not the snapshot's formula: two
+    # standbys applied in place since leave the running group's 5 slots.
+    os.makedirs(dep.runtime_dir)
+    generations.write(dep.runtime_dir, generations.first(dep))
+    grown = applying.values(dep)
+    grown["workers.standby"] = 2
+    assert settings.slot_total(2, 2, 5) == 6
+    assert applying.running_slots(dep, grown) == 5
 
 
 def test_after_keeps_unapplied_keys_so_their_drift_stays_visible():

@@ -172,10 +172,11 @@ def test_count_2_3_2_and_standby_1_2_without_a_group_restart_zero_failures(clust
     assert "Creating socket" not in c.supervisord_log().split("spawned: 'cnt_01'", 1)[1]
     statuses = c.access_log_statuses()
     assert statuses[502] == 0 and statuses[504] == 0, statuses
-    # Beyond workers.max_slots a count change takes a new generation (6 slots).
+    # Beyond workers.max_slots a count change takes a new generation
+    # (4 + 2 standbys + a spare slot each: 8 slots).
     c.edit(workers={"count": 4})
     r = c.toolkit("apply", "-c", c.deploy_path, timeout=120)
     assert r.returncode == 0 and "generation 1 -> 2" in r.stdout, r.stdout + r.stderr
     c.follow_generation()
-    assert c.dep.group == "cnt_g2" and len(c.process_info()) == 6
+    assert c.dep.group == "cnt_g2" and len(c.process_info()) == 8
     wait_for(lambda: len(c.ready_workers()) == 4, 30, "four serving workers of generation 2")

@@ -221,7 +221,8 @@ def test_listener_killed_mid_recycle_resumes_and_nothing_is_lost(cluster):
     assert after[other] == before[other] and before[victim] not in after.values(), (before, after)
     # The recycled slot is the next warm standby: 2 serve, 1 waits.
     warm = c.wait_warm(1)
-    assert set(after) | set(warm) == set(c.dep.slot_names()) and not set(after) & set(warm)
+    assert len(after) == 2 and len(warm) == 1 and not set(after) & set(warm)
+    assert set(after) | set(warm) <= set(c.dep.slot_names())    # the rest: spare slots
     assert "resuming recycle of %s" % victim in c.watchdog_log()
 
 
