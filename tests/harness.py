@@ -269,10 +269,13 @@ class Cluster:
 
     def __init__(self, base_dir, app: str = "core_app:application", /, *, name: str = "core",
                  app_dir: Optional[str] = None, ready_timeout: float = 60.0,
-                 wait_ready: bool = True, **sections: Mapping[str, Any]):
+                 wait_ready: bool = True, steady: bool = True, **sections: Mapping[str, Any]):
         self.base_dir = os.path.abspath(str(base_dir))
         self.ready_timeout = ready_timeout
         self.wait_ready_on_start = wait_ready
+        # steady=False: start() waits for the serving workers only, not for the
+        # warm standbys too (an app whose standbys are promoted as soon as they wait).
+        self.wait_steady_on_start = steady
         if app_dir is None:
             app_dir = REPO_ROOT if app.startswith("tests.") else APPS_DIR
         os.makedirs(self.base_dir, exist_ok=True)
@@ -317,7 +320,8 @@ class Cluster:
             wait_for(self._rpc_up, 20, "supervisord's control socket")
             if self.wait_ready_on_start:
                 self.wait_ready()
-                if self.dep.workers.warm_standby and self.dep.workers.standby:
+                if (self.wait_steady_on_start and self.dep.workers.warm_standby
+                        and self.dep.workers.standby):
                     self.wait_warm()
         except BaseException:
             self.stop()
