@@ -513,15 +513,17 @@ class Ours(_Supervised):
         return [sys.executable, "-m", "fcgi_toolkit"] + list(args) + ["-c", self.deploy_path]
 
     def start(self, timeout: float = 60.0) -> None:
+        from fcgi_toolkit import settings
         with open(self.deploy_path, "w") as f:
             f.write(self.render())
+        # The group's slots as `run` renders them now; a later resize stays
+        # within them (workers.max_slots), so the scoreboard keeps its size.
+        self.slot_count = settings.load(self.deploy_path).slots
         self._launch(self.toolkit("run"), "run-stdout.log", timeout, env=dict(os.environ, PYTHONPATH=ROOT))
 
     def _slots(self) -> list:
-        from fcgi_toolkit import settings
         from fcgi_toolkit.scoreboard import Scoreboard
-        board = Scoreboard(os.path.join(self.runtime_dir, "scoreboard"),
-                           settings.load(self.deploy_path).slots)
+        board = Scoreboard(os.path.join(self.runtime_dir, "scoreboard"), self.slot_count)
         try:
             return [r for r in board.read_all() if r is not None]
         finally:

@@ -45,10 +45,14 @@ def run(ctx: Context) -> Result:
     result.notes.append("defaults: ours recycle.flap_window 60 s, uWSGI --min-worker-lifetime "
                         "10 s; the rows labelled tuned lower both to 1 s")
 
+    rates: dict = {}      # kind -> hello-world req/s per worker, measured once
+
     def spec(label: str, kind: str, **extra) -> Spec:
         if ctx.can_run(kind, Spec(app=APP, workers=ctx.workers, max_rss=MAX_RSS)):
             return Spec(app=APP, workers=ctx.workers, max_rss=MAX_RSS, **extra)  # skipped below
-        per_worker = calibrate(ctx, kind)
+        if kind not in rates:
+            rates[kind] = calibrate(ctx, kind)
+        per_worker = rates[kind]
         leak = max(1024, int(GROWTH / per_worker))
         result.notes.append("%s: %d bytes per request (%.0f req/s per worker)" % (label, leak, per_worker))
         return Spec(app=APP, workers=ctx.workers, max_rss=MAX_RSS,
