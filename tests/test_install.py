@@ -402,7 +402,10 @@ def test_install_into_a_running_supervisord_and_out_again(system):
             workers = psutil.Process(nginx.pid).children()
             assert workers and all(w.uids().real != 0 for w in workers)
         assert sup.infos()["other:other"]["pid"] == other_pid
-        assert sup.infos()["core_watchdog:core_watchdog"]["statename"] == "RUNNING"
+        # The watchdog is RUNNING once it outlived its startsecs, which the
+        # workers' readiness does not wait for: wait for it, do not sample it.
+        wait_for(lambda: sup.infos()["core_watchdog:core_watchdog"]["statename"] == "RUNNING",
+                 30, "the watchdog RUNNING")
 
         status = toolkit("status", "-c", path)
         assert status.returncode == 0 and "core_00" in status.stdout, status.stderr
