@@ -179,10 +179,16 @@ def reload_nginx(dep: Deployment, rpc: Any) -> str:
 
 
 def apply(dep: Deployment, out: Any = sys.stdout, err: Any = sys.stderr,
-          rpc: Optional[Any] = None, new_supervisord: bool = False) -> int:
+          rpc: Optional[Any] = None, new_supervisord: bool = False,
+          output_dir: Optional[str] = None) -> int:
     """Apply what differs; 0 all applied, 1 something could not be (said on ``err``).
-    ``new_supervisord``: a supervisord generation even when nothing changed."""
+    ``new_supervisord``: a supervisord generation even when nothing changed
+    (with ``[[hosts]]`` on the web server: a new supervisord on every host,
+    :mod:`fcgi_toolkit.rollout`, writing nginx's files into ``output_dir``)."""
     from fcgi_toolkit import control, supervisord
+    if dep.multi_host and dep.host is None:
+        from fcgi_toolkit import rollout     # the web server: every host, one at a time
+        return rollout.apply(dep, output_dir, out, err, new_supervisord)
     running = load(dep)
     if running is None:
         print("fcgi-toolkit: %s: no applied deployment (%s): is it running?"
@@ -272,11 +278,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="deployment file (default: ./deploy.toml)")
     parser.add_argument("--new-supervisord", action="store_true",
                         help="move the workers to a new supervisord generation even if nothing "
-                             "changed (after an upgrade of supervisor or fcgi-toolkit)")
+                             "changed (after an upgrade of supervisor or fcgi-toolkit); with "
+                             "[[hosts]] on the web server: every host, one at a time")
+    parser.add_argument("-o", "--output", default=None, metavar="DIR",
+                        help="with [[hosts]], on the web server: the directory of nginx's files "
+                             "(as rendered there with render -o DIR; default: runtime.dir)")
 
 
 def run(args: argparse.Namespace) -> int:
     """Exit status: 0 applied; 1 a key not applied or the watchdog did not
     answer; 2 bad deployment file (nothing changed)."""
     dep = settings.load(args.config)     # ConfigError: cli prints it, exit 2
-    return apply(dep, new_supervisord=args.new_supervisord)
+    return apply(dep, new_supervisord=args.new_supervisord, output_dir=args.output)

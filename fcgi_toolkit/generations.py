@@ -215,9 +215,9 @@ def serving(dep: Deployment) -> Deployment:
     return attach(dep, current(dep))
 
 
-def load(path: str, host: Optional[str] = None) -> Deployment:
+def load(path: str, host: Optional[str] = None, source: str = "") -> Deployment:
     """:func:`fcgi_toolkit.settings.load` as the serving generation sees it."""
-    return serving(settings.load(path, host=host))
+    return serving(settings.load(path, host=host, source=source))
 
 
 def for_worker(dep: Deployment, number: int) -> Deployment:

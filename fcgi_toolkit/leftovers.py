@@ -37,7 +37,7 @@ import sys
 import time
 import xmlrpc.client
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional, Sequence, TextIO
+from typing import Callable, Iterable, Mapping, Optional, Sequence, TextIO
 
 from fcgi_toolkit import lifeline, render, settings
 from fcgi_toolkit.settings import ConfigError, Deployment
@@ -56,6 +56,9 @@ class Kind(enum.Enum):
 SUPERVISED_COMMANDS = {"worker": Kind.WORKER, "listener": Kind.WATCHDOG,
                        "metrics": Kind.METRICS, "lifeline": Kind.NGINX}
 
+#: The kinds a command line names by the deployment file (every host's alike).
+BY_DEPLOY_PATH = frozenset({Kind.WORKER, Kind.WATCHDOG, Kind.METRICS})
+
 #: The graceful stop signal of each kind (nginx finishes its requests on QUIT).
 GRACEFUL_SIGNAL = {Kind.SUPERVISORD: signal.SIGTERM, Kind.WORKER: signal.SIGTERM,
                    Kind.WATCHDOG: signal.SIGTERM, Kind.METRICS: signal.SIGTERM,
@@ -73,11 +76,13 @@ class Signature:
     supervisord_conf: str       # the front's; an inner one's is supervisord-gN.conf beside it
     pidfile: str                # the front's: the lifeline of nginx and of inner supervisords
     nginx_conf: str
+    host: str = ""              # the host view's name ("" single-host or the front)
 
     @classmethod
     def of(cls, dep: Deployment) -> "Signature":
         return cls(dep.path, dep.front_conf, dep.front_pidfile,
-                   os.path.join(dep.runtime_dir, "nginx.conf"))
+                   os.path.join(dep.runtime_dir, "nginx.conf"),
+                   dep.host.name if dep.host is not None else "")
 
     def names_supervisord_conf(self, path: Optional[str]) -> bool:
         """Whether ``path`` is the front's supervisord.conf or an inner one's."""
@@ -118,6 +123,17 @@ def classify(cmdline: Sequence[str], sig: Signature) -> Optional[Kind]:
     if program.startswith("nginx") and _option(argv, "-c") == sig.nginx_conf:
         return Kind.NGINX
     return None
+
+
+def same_host(environ: Optional[Mapping[str, str]], host: str) -> bool:
+    """Whether a process named by the deployment file's path (a worker, the
+    watchdog, the metrics server) is this host's: hosts of one file that share
+    a machine tell theirs apart by the host supervisord.conf sets in every
+    child's environment.  An environment we may not read (another user's
+    process, without root) is counted as this host's."""
+    if environ is None:
+        return True
+    return (environ.get(settings.HOST_ENV) or "") == host
 
 
 @dataclass(frozen=True)
@@ -199,8 +215,16 @@ def scan(dep: Deployment) -> list[Leftover]:
         except psutil.Error:
             pass   # it ended while we looked
 
+    def environ(proc: "psutil.Process") -> Optional[dict]:
+        try:
+            return proc.environ()
+        except psutil.Error:
+            return None
+
     for proc in psutil.process_iter(["cmdline"]):
         kind = classify(proc.info.get("cmdline") or [], sig)
+        if kind in BY_DEPLOY_PATH and not same_host(environ(proc), sig.host):
+            continue   # another host's worker on this machine (same file)
         if kind is not None:
             add(proc, kind)
     board = scoreboard.Scoreboard(dep.scoreboard_path, dep.slots)

@@ -122,6 +122,8 @@ class Listener:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-c", "--config", default="deploy.toml",
                         help="deployment file (default: ./deploy.toml)")
+    from fcgi_toolkit import settings
+    settings.add_start_from(parser)
 
 
 def _set_stopping(listener: Listener) -> Callable[[int, Any], None]:
@@ -140,7 +142,8 @@ def run(args: argparse.Namespace) -> int:
 
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    dep = generations.load(args.config)    # a restarted watchdog follows the serving generation
+    # A restarted watchdog follows the serving generation.
+    dep = generations.load(args.config, source=args.start_from)
     if "SUPERVISOR_SERVER_URL" not in os.environ:
         log.error("SUPERVISOR_SERVER_URL is not set: the listener runs under supervisord only")
         return 2

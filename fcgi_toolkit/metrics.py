@@ -143,6 +143,8 @@ def make_registry(collector: GroupCollector) -> Any:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-c", "--config", default="deploy.toml",
                         help="deployment file (default: deploy.toml)")
+    from fcgi_toolkit import settings
+    settings.add_start_from(parser)
 
 
 class _Stop:
@@ -158,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
     from fcgi_toolkit import settings
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    dep = settings.load(args.config)
+    dep = settings.load(args.config, source=args.start_from)
     try:
         host, port = loopback_address(dep.metrics.listen)
     except ValueError as exc:

@@ -112,10 +112,13 @@ TOOK_TIMEOUT = 15.0
 
 
 def reload(dep: Any, rpc: Any, nginx_binary: str,
-           run: Callable[..., subprocess.CompletedProcess] = subprocess.run) -> Workers:
+           run: Callable[..., subprocess.CompletedProcess] = subprocess.run,
+           managed: Optional[bool] = None) -> Workers:
     """Reload nginx gracefully and wait until it took; return the old workers
-    of the masters that took it (for :func:`wait_old_gone`).  Raise ReloadFailed."""
-    if dep.nginx.managed:
+    of the masters that took it (for :func:`wait_old_gone`).  Raise ReloadFailed.
+    ``managed`` (default nginx.managed): HUP the managed nginx through
+    ``rpc``; else the system nginx (a multi-host web server's always)."""
+    if dep.nginx.managed if managed is None else managed:
         master = int(rpc.getProcessInfo(nginx_program(dep.name))["pid"])
         if not master:
             raise ReloadFailed("the managed nginx %s is not running" % nginx_program(dep.name))

@@ -226,7 +226,8 @@ def context(dep: Deployment, host: Host, conf_dir: str) -> dict:
                           for prefix, directory in sorted(dep.nginx.static.items())],
         connect_timeout=nginx_duration(dep.nginx.connect_timeout),
         read_timeout=nginx_duration(dep.nginx.read_timeout),
-        upstream_servers=[upstream_server_line(h) for h in dep.hosts],
+        upstream_servers=[upstream_server_line(h, h.name in dep.out_of_rotation)
+                          for h in dep.hosts],
     )
     return ctx
 
@@ -301,11 +302,12 @@ def _listen_host_port(listen: str) -> tuple:
     return host, port
 
 
-def upstream_server_line(spec: settings.HostSpec) -> str:
-    """The nginx ``server`` parameters of one host: address, failure detection, backup."""
+def upstream_server_line(spec: settings.HostSpec, down: bool = False) -> str:
+    """The nginx ``server`` parameters of one host: address, failure
+    detection, backup; ``down`` while a rollout has it out of rotation."""
     line = "%s max_fails=%d fail_timeout=%s" % (spec.address, spec.max_fails,
                                                  nginx_duration(spec.fail_timeout))
-    return line + " backup" if spec.backup else line
+    return line + (" backup" if spec.backup else "") + (" down" if down else "")
 
 
 #: The files of each view of a multi-host file (see the module docstring).
@@ -329,6 +331,12 @@ def render_templates(dep: Deployment, ctx: Mapping, templates: Mapping[str, str]
 
 def _render_files(dep: Deployment, host: Host, conf_dir: str, files) -> dict[str, str]:
     return render_templates(dep, context(dep, host, conf_dir), {name: FILES[name] for name in files})
+
+
+def web_server_files(dep: Deployment, host: Host, conf_dir: str) -> dict[str, str]:
+    """The web server's files of a multi-host front view (nginx.conf and
+    nginx-site.conf), rendered in memory."""
+    return _render_files(dep, host, conf_dir, WEB_SERVER_FILES)
 
 
 def supervisord_files(dep: Deployment, host: Host, conf_dir: str) -> dict[str, str]:
@@ -368,7 +376,7 @@ def render_all(dep: Deployment, host: Host, conf_dir: str) -> dict[str, str]:
                 **_render_files(dep, host, conf_dir, SITE_FILES[dep.web.server])}
     if dep.host is not None:
         return _render_files(dep, host, conf_dir, HOST_FILES)
-    out = _render_files(dep, host, conf_dir, WEB_SERVER_FILES)
+    out = web_server_files(dep, host, conf_dir)
     for name in dep.host_names():
         view = dep.for_host(name)
         for filename, text in _render_files(view, host, os.path.join(conf_dir, name), HOST_FILES).items():

@@ -16,14 +16,21 @@ every host's ``fcgi.status()`` over the control connection it already has.
 
 Methods (namespace ``fcgi``):
 
-* ``fcgi.getAPIVersion()`` -> ``"1"``
+* ``fcgi.getAPIVersion()`` -> ``"2"`` (2 added ``applied`` and ``respawn``)
 * ``fcgi.status()`` -> the ``status --json`` object as a JSON **string**
   (XML-RPC has no null and only 32-bit integers; RSS does not fit);
 * ``fcgi.recycle(worker)`` / ``fcgi.reload()`` -> a request id: the request
   is queued for the watchdog exactly as ``fcgi-toolkit recycle``/``reload``
   queue it (one coordinator, one concurrency guard);
 * ``fcgi.result(request_id)`` -> the watchdog's answer as a JSON string,
-  ``""`` while it has not answered.
+  ``""`` while it has not answered;
+* ``fcgi.applied()`` -> a host's running deployment as a JSON string:
+  ``{"values": <applied snapshot>, "digest": <sha256 of its deployment
+  file>, "respawn": <started by run>, "pid": <supervisord's pid>}``;
+* ``fcgi.respawn(digest, previous)`` -> True: a host of a ``[[hosts]]``
+  file, out of nginx's rotation, replaced by a new supervisord that its
+  ``run`` starts from the file (``digest`` must be the file's sha256), or
+  from the previous one (``previous``); see :mod:`fcgi_toolkit.respawn`.
 
 supervisord runs plugins in its single-threaded main loop: every method
 returns at once (status reads supervisord's own process table in process,
@@ -36,7 +43,7 @@ from typing import Any, Callable, Mapping, Optional
 
 from supervisor.xmlrpc import Faults, RPCError
 
-API_VERSION = "1"
+API_VERSION = "2"
 
 
 class FcgiRPCInterface:
@@ -44,9 +51,13 @@ class FcgiRPCInterface:
     on every call, as the commands do); ``processes()`` supervisord's
     process infos (``getAllProcessInfo``)."""
 
-    def __init__(self, load: Callable[[], Any], processes: Callable[[], list]):
+    def __init__(self, load: Callable[[], Any], processes: Callable[[], list],
+                 shutdown: Callable[[], None] = lambda: None,
+                 supervised: Callable[[], bool] = lambda: False):
         self._load = load
         self._processes = processes
+        self._shutdown = shutdown
+        self._supervised = supervised
 
     def getAPIVersion(self) -> str:
         """Version of the fcgi namespace's API."""
@@ -81,6 +92,48 @@ class FcgiRPCInterface:
         answer = statefile.result(self._deployment().runtime_dir, request_id)
         return "" if answer is None else json.dumps(answer)
 
+    def applied(self) -> str:
+        """This host's running deployment (see the module docstring) as a JSON string."""
+        import os
+        from fcgi_toolkit import applying, respawn
+        dep = self._deployment()
+        return json.dumps({"values": applying.load(dep), "digest": respawn.digest(dep.path),
+                           "respawn": self._supervised(), "pid": os.getpid()})
+
+    def respawn(self, digest: str, previous: bool = False) -> bool:
+        """Stop this supervisord so that its ``run`` starts a new one from the
+        deployment file whose sha256 is ``digest`` (or, ``previous``, from
+        the file it ran before); refused, nothing changed, when that cannot be."""
+        from fcgi_toolkit import render, respawn, runner
+        from fcgi_toolkit.settings import ConfigError
+        dep = self._deployment()
+        if dep.host is None:
+            raise RPCError(Faults.FAILED, "%s: a new supervisord is for a host of a [[hosts]] "
+                                          "file, out of rotation; here apply switches "
+                                          "generations" % dep.path)
+        if not self._supervised():
+            raise RPCError(Faults.FAILED, "supervisord of host %s was not started by "
+                                          "fcgi-toolkit run: nothing would start it again"
+                                          % dep.host.name)
+        if not previous:
+            mine = respawn.digest(dep.path)
+            if digest != mine:
+                raise RPCError(Faults.FAILED, "%s on host %s is not the web server's file "
+                                              "(sha256 %s..., not %s...): copy the same file to "
+                                              "every host" % (dep.path, dep.host.name, mine[:12],
+                                                              str(digest)[:12]))
+            try:
+                runner.check_runnable(dep)
+                render.render_all(dep, render.Host.probe(dep), dep.runtime_dir)
+            except ConfigError as exc:
+                raise RPCError(Faults.FAILED, str(exc)) from None
+        try:
+            respawn.request(dep, previous)
+        except (OSError, ValueError) as exc:
+            raise RPCError(Faults.FAILED, str(exc)) from None
+        self._shutdown()
+        return True
+
     def _enqueue(self, request: Mapping[str, Any]) -> str:
         from fcgi_toolkit import statefile
         return statefile.enqueue(self._deployment().runtime_dir, dict(request))
@@ -96,12 +149,15 @@ class _Processes:
 def make_rpcinterface(supervisord: Any, **config: str) -> FcgiRPCInterface:
     """supervisord's factory (``supervisor.rpcinterface_factory``)."""
     from supervisor.rpcinterface import SupervisorNamespaceRPCInterface
-    from fcgi_toolkit import settings
+    from fcgi_toolkit import respawn, settings
 
     deploy = config["deploy"]
     host: Optional[str] = config.get("host") or ""
     main = SupervisorNamespaceRPCInterface(supervisord)
-    return FcgiRPCInterface(lambda: settings.load(deploy, host=host), main.getAllProcessInfo)
+    # supervisord's own shutdown (supervisor.shutdown): it drains its
+    # processes, then exits, and its run starts the new one.
+    return FcgiRPCInterface(lambda: settings.load(deploy, host=host), main.getAllProcessInfo,
+                            shutdown=main.shutdown, supervised=respawn.supervised)
 
 
 def decode_status(text: str) -> dict:

@@ -32,7 +32,7 @@ import sys
 import tempfile
 from typing import Optional, TextIO
 
-from fcgi_toolkit import applying, generations, leftovers, render, settings
+from fcgi_toolkit import applying, generations, leftovers, render, respawn, settings
 from fcgi_toolkit.settings import ConfigError, Deployment
 
 _FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -123,8 +123,10 @@ def supervise(dep: Deployment, stream: TextIO = sys.stderr) -> int:
     try:
         # Own session: a terminal's Ctrl-C reaches only us, and we forward
         # exactly one signal, so supervisord sees one clean shutdown request.
+        # RUN_ENV: the host's fcgi.respawn() knows a run will start it again.
         proc = subprocess.Popen(supervisord_command(dep), start_new_session=True,
-                                stdin=subprocess.DEVNULL)
+                                stdin=subprocess.DEVNULL,
+                                env=dict(os.environ, **{respawn.RUN_ENV: str(os.getpid())}))
         print(banner(dep), file=stream, flush=True)
         forwarded = 0
         apply_again = False
@@ -157,6 +159,7 @@ def supervise(dep: Deployment, stream: TextIO = sys.stderr) -> int:
             applying_proc.wait(10)
     _remove_stale_socket(dep)
     if received:
+        respawn.discard(dep)           # the operator stopped it: no new supervisord
         print("fcgi-toolkit: stopped (supervisord exit status %d)" % status, file=stream)
     elif status < 0:
         print("fcgi-toolkit: supervisord was killed (%s); its workers drain and exit by themselves; "
@@ -180,6 +183,14 @@ def _remove_stale_socket(dep: Deployment) -> None:
 
 def add_arguments_run(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-c", "--config", default="deploy.toml", help="deployment file (default: %(default)s)")
+    # A respawn's rollback: start these bytes as if they were the file (fcgi_toolkit.respawn).
+    settings.add_start_from(parser)
+
+
+def respawn_command(path: str, start_from: str) -> list[str]:
+    """``run`` again, as a new process image (fcgi_toolkit.respawn)."""
+    return ([sys.executable, "-m", "fcgi_toolkit", "run", "-c", os.path.abspath(path)]
+            + (["--start-from", start_from] if start_from else []))
 
 
 def already_running(dep: Deployment) -> bool:
@@ -188,7 +199,7 @@ def already_running(dep: Deployment) -> bool:
 
 
 def run_run(args: argparse.Namespace) -> int:
-    dep = settings.load(args.config)
+    dep, data = respawn.load_for_start(args.config, args.start_from)
     check_runnable(dep)
     if already_running(dep):
         print("fcgi-toolkit: %s is already running (%s answers); stop it first "
@@ -199,10 +210,19 @@ def run_run(args: argparse.Namespace) -> int:
     leftovers.clear_for_start(dep)
     host = render.Host.probe(dep)
     prepare(dep, host)
+    respawn.record_start(dep, data)
     warning = render.capacity_warning(dep, host)
     if warning:
         print("fcgi-toolkit: warning: %s" % warning, file=sys.stderr)
-    return supervise(dep)
+    status = supervise(dep)
+    start_from = respawn.take(dep)
+    if start_from is None:
+        return status
+    print("fcgi-toolkit: supervisord stopped for a new one (fcgi.respawn); starting %s again"
+          % (start_from or args.config), file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os.execv(sys.executable, respawn_command(args.config, start_from))
+    return status   # pragma: no cover - execv does not return
 
 
 # -- demo -----------------------------------------------------------------

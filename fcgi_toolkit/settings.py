@@ -16,7 +16,7 @@ import difflib
 import enum
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, Callable, Mapping, Optional
 
@@ -359,6 +359,13 @@ class Deployment:
     #: None: generation 1 as the file gives it.  Group, socket, scoreboard
     #: and slots follow it.
     generation: Any = None
+    #: Hosts nginx's upstream marks ``down`` (a multi-host rollout takes one
+    #: host out of rotation at a time: fcgi_toolkit.rollout).
+    out_of_rotation: frozenset = frozenset()
+    #: Where the bytes came from when not ``path``: a host that rolled back
+    #: runs its previous file (``previous.toml``) as if it were ``path``
+    #: (fcgi_toolkit.respawn); its supervised commands read the same bytes.
+    source: str = ""
 
     def __getattr__(self, item: str) -> Section:
         try:
@@ -503,6 +510,8 @@ class Deployment:
         ctx: dict[str, Any] = {section: self.sections[section] for section in SECTIONS}
         ctx.update(
             deploy_path=self.path,
+            # The supervised commands read the bytes this deployment came from.
+            start_from=" --start-from %s" % self.source if self.source else "",
             base_dir=self.base_dir,
             slots=self.slots,
             slot_names=self.slot_names(),
@@ -798,25 +807,44 @@ def check_consistency(dep: Deployment) -> None:
                              "the smallest host's " if dep.hosts else "", threads))
 
 
-def load(path: str, host: Optional[str] = None) -> Deployment:
+def load(path: str, host: Optional[str] = None, source: str = "") -> Deployment:
     """Read and validate a deployment file; raise ConfigError with a one-line message.
 
     ``host`` (None: the FCGI_TOOLKIT_HOST environment variable, which each
     host's supervisord sets for its children; "": none, the front view)
-    selects a ``[[hosts]]`` entry.
+    selects a ``[[hosts]]`` entry.  ``source``: read that file's bytes as if
+    they were ``path``'s (relative paths resolve against ``path``'s directory).
     """
-    if host is None:
-        host = os.environ.get(HOST_ENV) or None
+    return loads(read_bytes(source or path), path, host, source)
+
+
+def add_start_from(parser: Any) -> None:
+    """The hidden ``--start-from FILE`` of ``run`` and the supervised commands:
+    read FILE's bytes as if they were ``-c``'s (a host's rollback)."""
+    import argparse
+    parser.add_argument("--start-from", default="", help=argparse.SUPPRESS)
+
+
+def read_bytes(path: str) -> bytes:
     try:
         with open(path, "rb") as f:
-            data = tomllib.load(f)
+            return f.read()
     except FileNotFoundError:
         raise ConfigError("%s: no such file" % path) from None
     except OSError as exc:
         raise ConfigError("%s: cannot read: %s" % (path, exc.strerror)) from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError("%s: not valid TOML: %s" % (path, exc)) from None
-    return parse(data, path, host)
+
+
+def loads(data: bytes, path: str, host: Optional[str] = None, source: str = "") -> Deployment:
+    """:func:`load` of bytes already read (from ``source``, else ``path``)."""
+    if host is None:
+        host = os.environ.get(HOST_ENV) or None
+    try:
+        parsed = tomllib.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError("%s: not valid TOML: %s" % (source or path, exc)) from None
+    dep = parse(parsed, path, host)
+    return replace(dep, source=source) if source else dep
 
 
 def _rst_escape(text: str) -> str:

@@ -59,6 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="this worker's slot number (supervisord's process_num)")
     parser.add_argument("--generation", type=int, default=1,
                         help="the group's generation (README \"Generations\"; default: 1)")
+    settings.add_start_from(parser)
 
 
 def configure_logging(slot_name: str) -> None:
@@ -118,7 +119,7 @@ def _open_slot(dep, slot: int):
 def run(args: argparse.Namespace) -> int:
     from fcgi_toolkit import generations
     # ConfigError: cli prints it, exit 2.  The generation names our scoreboard.
-    dep = generations.for_worker(settings.load(args.config), args.generation)
+    dep = generations.for_worker(settings.load(args.config, source=args.start_from), args.generation)
     if not 0 <= args.slot < dep.slots:
         print("fcgi-toolkit worker: --slot %d outside 0..%d" % (args.slot, dep.slots - 1),
               file=sys.stderr)

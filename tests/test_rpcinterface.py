@@ -49,7 +49,7 @@ def test_status_is_the_status_json_object_as_a_string(tmp_path):
     assert obj["group"] == "wiki" and [w["name"] for w in obj["workers"]] == ["wiki_00", "wiki_01"]
     # The string goes through XML-RPC unchanged (a dict with nulls would not).
     assert xmlrpc.client.loads(xmlrpc.client.dumps((text,)))[0][0] == text
-    assert api.getAPIVersion() == "1"
+    assert api.getAPIVersion() == "2"
 
 
 def test_recycle_and_reload_queue_for_the_watchdog(tmp_path):

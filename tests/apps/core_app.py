@@ -8,6 +8,7 @@ Routes (PATH_INFO):
   /raise       raises before start_response (500 expected)
   /sleep?s=S   sleeps S seconds then answers "slept PID"
   /environ     JSON of the CGI/WSGI string variables
+  /osenv?k=A&k=B  JSON of the worker process's environment variables A, B (null if unset)
 """
 from __future__ import annotations
 
@@ -63,6 +64,11 @@ def application(environ, start_response):
     if path == "/environ" or path.startswith("/environ/"):
         data = {k: v for k, v in environ.items() if isinstance(v, str)}
         body = json.dumps(data, sort_keys=True).encode()
+        start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+        return [body]
+    if path == "/osenv":
+        keys = parse_qs(environ.get("QUERY_STRING", "")).get("k", [])
+        body = json.dumps({k: os.environ.get(k) for k in keys}, sort_keys=True).encode()
         start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
         return [body]
     body = b"not found\n"
