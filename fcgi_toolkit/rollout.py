@@ -178,6 +178,7 @@ class Roller:
                        out_of_rotation=frozenset([out]) if out else frozenset())
 
     def record(self, host: str, phase: Phase, since: float) -> None:
+        os.makedirs(self.dep.runtime_dir, exist_ok=True)
         statefile.write_json_atomic(state_path(self.dep), {
             "host": host, "phase": phase.value, "done": list(self.done), "since": since})
 
