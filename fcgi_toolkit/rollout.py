@@ -363,10 +363,14 @@ def apply(dep: Deployment, output_dir: Optional[str] = None, out: Any = sys.stdo
     return roller.run(everyone=new_supervisord)
 
 
-def format_state(state: Mapping[str, Any]) -> str:
+def format_state(state: Mapping[str, Any], now: Optional[float] = None) -> str:
     """The rollout under way, in one line for status."""
+    now = time.time() if now is None else now
     done = state.get("done") or []
-    return "rollout: host %s %s for %s%s" % (
-        state.get("host"), state.get("phase"),
-        format_duration(max(0.0, time.time() - float(state.get("since") or time.time()))),
-        "; done: %s" % ", ".join(done) if done else "")
+    try:
+        since = float(state["since"])
+    except (KeyError, TypeError, ValueError):
+        since = now
+    return "rollout under way: host %s %s for %s%s" % (
+        state.get("host"), state.get("phase"), format_duration(max(0.0, now - since)),
+        "; done: %s" % ", ".join(map(str, done)) if done else "")

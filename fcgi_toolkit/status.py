@@ -55,6 +55,8 @@ the exit status is then 1.  ``--json``::
      "generated_at": 1767225600.0,
      "up": 2,                    # hosts that answered
      "down": ["app2"],           # hosts that did not
+     "rollout": null,            # apply's rollout under way: {"host": "app1",
+                                 # "phase": "restarting", "done": [], "since": T}
      "hosts": [
        {"name": "app1",
         "address": "10.0.0.11:9000",          # the host's worker socket

@@ -65,6 +65,9 @@ class DeploymentStatus:
     group: str
     hosts: tuple[HostStatus, ...]
     generated_at: float
+    #: The multi-host rollout under way on this web server (``apply``:
+    #: fcgi_toolkit.rollout's state file), None when none is.
+    rollout: Optional[Mapping[str, Any]] = None
 
     @property
     def down(self) -> list[str]:
@@ -221,4 +224,6 @@ def gather_hosts(dep: "Deployment", connect: Optional[Callable[[str], Any]] = No
     with ThreadPoolExecutor(max_workers=min(8, len(dep.hosts)),
                             thread_name_prefix="status-host") as pool:
         hosts = tuple(pool.map(one, dep.hosts))
-    return DeploymentStatus(group=dep.name, hosts=hosts, generated_at=now)
+    from fcgi_toolkit import rollout
+    return DeploymentStatus(group=dep.name, hosts=hosts, generated_at=now,
+                            rollout=rollout.read_state(dep))

@@ -121,7 +121,11 @@ def format_hosts_table(status: DeploymentStatus) -> str:
                         + (("-" if w.recycles is None else str(w.recycles),) if full else ())
                         + ("; ".join(notes),))
     note = "" if all(h.full for h in status.hosts if h.up) and full else REMOTE_NOTE + "\n"
-    return _aligned(rows) + hosts_summary_line(status) + "\n" + note
+    under_way = ""
+    if status.rollout is not None:
+        from fcgi_toolkit.rollout import format_state
+        under_way = format_state(status.rollout, status.generated_at) + "\n"
+    return _aligned(rows) + hosts_summary_line(status) + "\n" + under_way + note
 
 
 def hosts_summary_line(status: DeploymentStatus) -> str:
@@ -143,6 +147,7 @@ def hosts_to_json(status: DeploymentStatus) -> dict:
         "generated_at": status.generated_at,
         "up": len(status.hosts) - len(status.down),
         "down": status.down,
+        "rollout": dict(status.rollout) if status.rollout is not None else None,
         "hosts": [{
             "name": h.name,
             "address": h.address,

@@ -66,6 +66,18 @@ def test_classify_leaves_other_processes_alone(cmdline):
     assert leftovers.classify(cmdline, SIG) is None
 
 
+def test_hosts_of_one_file_on_one_machine_keep_their_own_processes():
+    """Workers are named by the file's path, which every host shares: the
+    host supervisord.conf puts in their environment tells them apart."""
+    assert leftovers.same_host({settings.HOST_ENV: "web1"}, "web1")
+    assert not leftovers.same_host({settings.HOST_ENV: "web2"}, "web1")
+    assert not leftovers.same_host({}, "web1")
+    assert leftovers.same_host({}, "") and leftovers.same_host({settings.HOST_ENV: ""}, "")
+    assert not leftovers.same_host({settings.HOST_ENV: "web1"}, "")
+    # An environment we may not read: counted as ours (the old behaviour).
+    assert leftovers.same_host(None, "web1")
+
+
 def test_describe_says_what_was_found_in_one_line():
     remains = Remains(pidfile_pid=100, control_socket=True, processes=(
         Leftover(102, Kind.WORKER, 0.0), Leftover(101, Kind.WORKER, 0.0),

@@ -233,6 +233,22 @@ def test_front_view_renders_nginx_and_every_host(tmp_path):
     assert "supervisord.conf" not in files, "the web server runs no workers"
 
 
+@needs_nginx
+def test_a_host_out_of_rotation_is_a_down_server_and_nginx_accepts_it(tmp_path):
+    """A multi-host rollout's nginx files: only the web server's, the host marked down."""
+    from dataclasses import replace
+    dep = replace(parse(tmp_path), out_of_rotation=frozenset(["web2"]))
+    files = render.web_server_files(dep, USER_HOST, dep.runtime_dir)
+    assert sorted(files) == ["nginx-site.conf", "nginx.conf"]
+    assert "    server 127.0.0.3:9000 max_fails=1 fail_timeout=10s down;\n" in files["nginx-site.conf"]
+    assert files["nginx-site.conf"].count(" down;") == 1
+    os.makedirs(dep.log_dir, exist_ok=True)
+    render.write_atomic(files, dep.runtime_dir)
+    r = subprocess.run([NGINX, "-t", "-c", os.path.join(dep.runtime_dir, "nginx.conf")],
+                       capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr
+
+
 def test_single_host_site_unchanged(tmp_path):
     raw = data()
     del raw["hosts"]

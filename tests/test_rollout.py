@@ -247,7 +247,8 @@ def test_a_rollout_under_way_is_not_started_twice(tmp_path):
     status, out, err = roll(tmp_path, cluster, file)
     assert status == 1 and cluster.events == []
     assert "a rollout (host web2, restarting) is under way" in err
-    assert rollout.format_state(rollout.read_state(file)).startswith("rollout: host web2 restarting")
+    assert rollout.format_state(rollout.read_state(file), now=65.0) == \
+        "rollout under way: host web2 restarting for 1m05s"
 
 
 def test_a_failed_reload_stops_the_rollout_where_it_was(tmp_path):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import dataclasses
 import json
 import os
 import socket
@@ -524,9 +525,16 @@ def test_gather_hosts_one_host_down(tmp_path):
     assert lines[7] == "wiki: 3 hosts, 2 up, 1 down (web2); 3/4 workers running"
     assert lines[8] == status.REMOTE_NOTE and "FCGI_TOOLKIT_HOST=NAME" in lines[8]
 
+    # A rollout under way on this web server (apply): one more line, and in the JSON.
+    under_way = dataclasses.replace(d, rollout={"host": "web2", "phase": "restarting",
+                                                "done": ["web1"], "since": NOW - 12})
+    lines = format_hosts_table(under_way).splitlines()
+    assert lines[8] == "rollout under way: host web2 restarting for 12s; done: web1"
+    assert hosts_to_json(under_way)["rollout"]["phase"] == "restarting"
+
     obj = json.loads(json.dumps(hosts_to_json(d)))
-    assert set(obj) == {"group", "generated_at", "up", "down", "hosts"}
-    assert (obj["group"], obj["up"], obj["down"]) == ("wiki", 2, ["web2"])
+    assert set(obj) == {"group", "generated_at", "up", "down", "rollout", "hosts"}
+    assert (obj["group"], obj["up"], obj["down"], obj["rollout"]) == ("wiki", 2, ["web2"], None)
     h1, h2, h3 = obj["hosts"]
     assert set(h1) == {"name", "address", "control_url", "backup", "up", "error", "count",
                        "standby", "running", "workers"}
