@@ -77,15 +77,18 @@ class RunHost:
         except (OSError, xmlrpc.client.Error):
             return None
 
-    def ready_pids(self) -> set:
-        """Pids of the workers ready in the host's own status."""
+    def status(self) -> Optional[dict]:
+        """The host's own ``status --json`` (None while its supervisord does not answer)."""
         r = subprocess.run([sys.executable, "-m", "fcgi_toolkit", "status", "-c",
                             self.cluster.deploy_path, "--json"],
                            env=dict(os.environ, **{settings.HOST_ENV: self.name}),
                            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
-        if r.returncode != 0:
-            return set()
-        return {w["pid"] for w in json.loads(r.stdout)["workers"] if w["state"] in ("ready", "busy")}
+        return json.loads(r.stdout) if r.returncode == 0 else None
+
+    def ready_pids(self) -> set:
+        """Pids of the workers ready in the host's own status."""
+        status = self.status() or {"workers": []}
+        return {w["pid"] for w in status["workers"] if w["state"] in ("ready", "busy")}
 
     def wait_ready(self, count: int = 1, timeout: float = 60.0) -> set:
         return wait_for(lambda: len(self.ready_pids()) >= count and self.ready_pids(), timeout,
@@ -289,6 +292,8 @@ def test_an_app_that_does_not_import_stops_at_the_first_host(cluster, diagnose):
         assert {n: cluster.hosts[n].supervisord_pid() for n in ("web2", "web3")} == \
             {n: before[n] for n in ("web2", "web3")}
         assert cluster.environ_by_host() == {n: release for n in HOST_IPS}
+        # web1 runs its previous file while deploy.toml holds the change: drift.
+        assert "app.wsgi" in cluster.hosts["web1"].status()["drift"]
     finally:
         cluster.wsgi = "core_app:application"
         cluster.write()
