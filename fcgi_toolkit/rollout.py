@@ -97,12 +97,14 @@ class Roller:
                  connect: Callable[[HostSpec], Any],
                  reload_nginx: Callable[[Deployment, bool], bool],
                  clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep):
+                 sleep: Callable[[float], None] = time.sleep,
+                 alive: Callable[[Any], bool] = lambda pid: _alive(pid)):
         self.dep = dep
         self.out, self.err = out, err
         self.connect = connect
         self.reload_nginx = reload_nginx
         self.clock, self.sleep = clock, sleep
+        self.alive = alive
         self.digest = ""
         self.running: dict[str, dict] = {}      # host -> its applied snapshot
         self.specs: dict[str, HostSpec] = {}    # host -> its entry as it runs
@@ -180,7 +182,8 @@ class Roller:
     def record(self, host: str, phase: Phase, since: float) -> None:
         os.makedirs(self.dep.runtime_dir, exist_ok=True)
         statefile.write_json_atomic(state_path(self.dep), {
-            "host": host, "phase": phase.value, "done": list(self.done), "since": since})
+            "host": host, "phase": phase.value, "done": list(self.done), "since": since,
+            "pid": os.getpid()})
 
     def run(self, everyone: bool = False) -> int:
         """0 every host runs the file; 1 not (said on err: what did not
@@ -188,11 +191,13 @@ class Roller:
         from fcgi_toolkit import respawn
         self.digest = respawn.digest(self.dep.path)
         under_way = read_state(self.dep)
+        if under_way is not None and self.alive(under_way.get("pid")):
+            return self.refuse("%s: a rollout (host %s, %s) is under way (apply pid %s); wait "
+                               "for it" % (self.dep.path, under_way.get("host"),
+                                           under_way.get("phase"), under_way.get("pid")))
         if under_way is not None:
-            return self.refuse("%s: a rollout (host %s, %s) is under way (%s); wait for it (or "
-                               "remove the file if no apply runs)" % (
-                                   self.dep.path, under_way.get("host"), under_way.get("phase"),
-                                   state_path(self.dep)))
+            self.say("the rollout of apply pid %s stopped at host %s (%s); this one takes over"
+                     % (under_way.get("pid"), under_way.get("host"), under_way.get("phase")))
         statuses: dict[str, dict] = {}
         problems = []
         for spec in self.dep.hosts:
@@ -343,6 +348,20 @@ def nginx_reloader(output_dir: str, out: Any) -> Callable[[Deployment, bool], bo
 
 class ReloadError(Exception):
     """nginx refused or did not take a reload (one line)."""
+
+
+def _alive(pid: Any) -> bool:
+    """Whether the apply that recorded a rollout still runs (another process
+    than this one; a pid we may not signal exists)."""
+    if not isinstance(pid, int) or pid <= 0 or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _reads(path: str) -> Optional[str]:

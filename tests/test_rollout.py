@@ -115,11 +115,11 @@ class Cluster:
         return True
 
 
-def roll(tmp_path, cluster, file, everyone=False):
+def roll(tmp_path, cluster, file, everyone=False, alive=lambda pid: False):
     out, err = io.StringIO(), io.StringIO()
     ticks = itertools.count()
     roller = rollout.Roller(file, out, err, cluster.connect, cluster.reload,
-                            clock=lambda: float(next(ticks)), sleep=lambda s: None)
+                            clock=lambda: float(next(ticks)), sleep=lambda s: None, alive=alive)
     return roller.run(everyone=everyone), out.getvalue(), err.getvalue()
 
 
@@ -243,12 +243,18 @@ def test_a_rollout_under_way_is_not_started_twice(tmp_path):
     os.makedirs(file.runtime_dir, exist_ok=True)
     rollout.Roller(file, io.StringIO(), io.StringIO(), None, None).record(
         "web2", rollout.Phase.RESTARTING, 0.0)
+    state = rollout.read_state(file)
+    assert rollout.format_state(state, now=65.0) == "rollout under way: host web2 restarting for 1m05s"
     cluster = Cluster(running, file)
-    status, out, err = roll(tmp_path, cluster, file)
+    status, out, err = roll(tmp_path, cluster, file, alive=lambda pid: pid == state["pid"])
     assert status == 1 and cluster.events == []
-    assert "a rollout (host web2, restarting) is under way" in err
-    assert rollout.format_state(rollout.read_state(file), now=65.0) == \
-        "rollout under way: host web2 restarting for 1m05s"
+    assert "a rollout (host web2, restarting) is under way (apply pid %d)" % state["pid"] in err
+    # An apply killed mid-way (its pid gone): the next one takes over and finishes.
+    status, out, err = roll(tmp_path, cluster, file, alive=lambda pid: False)
+    assert status == 0, err
+    assert "the rollout of apply pid %d stopped at host web2 (restarting)" % state["pid"] in out
+    assert [e[1] for e in cluster.events if e[0] == "respawn"] == list(NAMES)
+
 
 
 def test_a_failed_reload_stops_the_rollout_where_it_was(tmp_path):
