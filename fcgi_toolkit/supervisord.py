@@ -22,6 +22,7 @@ from supervisor.xmlrpc import Faults, SupervisorTransport
 FAULT_NAMES = {code: name for name, code in vars(Faults).items() if not name.startswith("_")}
 #: Bytes of a worker's log read to find why it failed.
 LOG_TAIL = 16384
+_LOG_CHANNELS = ("Stdout", "Stderr")
 #: supervisord states in which it stops its processes: the watchdog stands by.
 STOPPING_STATES = (SupervisorStates.SHUTDOWN, SupervisorStates.RESTARTING)
 _ERROR_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b.*")
@@ -124,6 +125,7 @@ class Gateway:
     def __init__(self, rpc: Any, group: str):
         self.rpc = rpc
         self.group = group
+        self.logs_at_start: dict[str, dict[str, int]] = {}   # slot -> log_sizes at its last start
 
     def call(self, method: str, *args: Any, ok_faults: tuple = ()) -> Any:
         try:
@@ -148,6 +150,7 @@ class Gateway:
         return isinstance(state, Mapping) and state.get("statecode") in STOPPING_STATES
 
     def start(self, slot: str) -> None:
+        self.logs_at_start[slot] = self.log_sizes(slot)
         self.call("startProcess", self.namespec(slot), False, ok_faults=(Faults.ALREADY_STARTED,))
 
     def start_program(self, name: str) -> None:
@@ -160,12 +163,36 @@ class Gateway:
     def signal(self, slot: str, signame: str) -> None:
         self.call("signalProcess", self.namespec(slot), signame, ok_faults=(Faults.NOT_RUNNING,))
 
-    def read_error(self, slot: str, description: str = "") -> str:
-        """The worker's last error line from its log (stderr is redirected to stdout)."""
-        text = ""
-        for method in ("readProcessStdoutLog", "readProcessStderrLog"):
+    def log_sizes(self, slot: str) -> dict[str, int]:
+        """How long the slot's logs are now (by channel): :meth:`read_error`
+        then reads only what a start after this wrote."""
+        sizes = {}
+        for channel in _LOG_CHANNELS:
             try:
-                text = self.call(method, self.namespec(slot), -LOG_TAIL, 0) or ""
+                sizes[channel] = int(self.call("tailProcess%sLog" % channel, self.namespec(slot),
+                                               0, 0)[1])
+            except (CommandFailed, OSError, LookupError, TypeError, ValueError):
+                pass
+        return sizes
+
+    def read_error(self, slot: str, description: str = "",
+                   since: Optional[Mapping[str, int]] = None) -> str:
+        """The worker's last error line from its log (stderr is redirected to
+        stdout); with ``since`` (:meth:`log_sizes` before the start) only from
+        what was written after it, so an earlier life's error is not reported;
+        by default since this gateway last started the slot."""
+        if since is None:
+            since = self.logs_at_start.get(slot)
+        text = ""
+        for channel in _LOG_CHANNELS:
+            try:
+                length = LOG_TAIL
+                if since is not None and channel in since:
+                    size = self.log_sizes(slot).get(channel, 0)
+                    if size >= since[channel]:          # else rotated: the whole tail is new
+                        length = min(LOG_TAIL, size - since[channel])
+                text = (self.call("readProcess%sLog" % channel, self.namespec(slot), -length, 0)
+                        or "") if length else ""
             except (CommandFailed, OSError):
                 text = ""
             if worker_error(text):

@@ -137,6 +137,7 @@ class Switcher:
         self.connect = connect
         self.old_rpc = connect(old) if old.holder else rpc
         self.new_rpc = connect(new) if new.holder else rpc
+        self.log_sizes: dict[str, dict[str, int]] = {}     # slot -> its logs' sizes at start
 
     @property
     def new_supervisord(self) -> bool:
@@ -287,6 +288,9 @@ class Switcher:
                 raise SwitchFailed(why)
             self.call("addProcessGroup", new.group, rpc=self.new_rpc)
         slots = new.slot_names()[:new.workers.count]
+        # A failed earlier try of this generation number left its error in the same logs.
+        gateway = self.gateway()
+        self.log_sizes = {slot: gateway.log_sizes(slot) for slot in slots}
         for slot in slots:
             self.call("startProcess", "%s:%s" % (new.group, slot), False, rpc=self.new_rpc)
         self.say("generation %d: started %s on %s, waiting for them to be ready",
@@ -317,11 +321,15 @@ class Switcher:
 
     def error_of(self, failed: str) -> str:
         """The failing slot's last error line from its log."""
-        from fcgi_toolkit.supervisord import Gateway
         slot = failed.split(" ", 1)[0]
         if slot not in self.new.slot_names():
             return "see the workers' logs in %s" % self.new.log_dir
-        return Gateway(_Proxy(self.new_rpc), self.new.group).read_error(slot)
+        return self.gateway().read_error(slot, since=self.log_sizes.get(slot))
+
+    def gateway(self) -> Any:
+        """The new generation's group in the supervisord that holds it."""
+        from fcgi_toolkit.supervisord import Gateway
+        return Gateway(_Proxy(self.new_rpc), self.new.group)
 
     def switch_nginx(self, files: Mapping[str, str]) -> None:
         new = self.new

@@ -148,6 +148,8 @@ class FakeSupervisor:
         self.fail_group = fail_group
         self.calls = []
         self.next_pid = 1000
+        self.logs = {}          # namespec -> its log's text
+        self.fail_output = "Traceback...\nModuleNotFoundError: No module named 'nope'\n"
 
     def _slot(self, namespec):
         group, _, name = namespec.partition(":")
@@ -177,6 +179,7 @@ class FakeSupervisor:
         slots, name = self._slot(namespec)
         if namespec.startswith(self.fail_group + ":") and self.fail_group:
             slots[name] = (BACKOFF, 0)
+            self.logs[namespec] = self.logs.get(namespec, "") + self.fail_output
         else:
             self.next_pid += 1
             slots[name] = (RUNNING, self.next_pid)
@@ -203,9 +206,17 @@ class FakeSupervisor:
         return True
 
     def readProcessStdoutLog(self, namespec, offset, length):
-        return "Traceback...\nModuleNotFoundError: No module named 'nope'\n"
+        text = self.logs.get(namespec, "")
+        return text[offset:] if offset >= 0 else text[offset:] if -offset < len(text) else text
 
-    readProcessStderrLog = readProcessStdoutLog
+    def tailProcessStdoutLog(self, namespec, offset, length):
+        text = self.logs.get(namespec, "")
+        return [text[len(text) - length:] if length else "", len(text), False]
+
+    def readProcessStderrLog(self, namespec, offset, length):
+        raise xmlrpc.client.Fault(Faults.NO_FILE, namespec)     # redirect_stderr
+
+    tailProcessStderrLog = readProcessStderrLog
 
 
 def _switch_world(tmp_path, fail=False):
@@ -257,6 +268,30 @@ def test_switch_steps_new_group_ready_then_nginx_then_watchdog_then_old_one_at_a
     site = open(os.path.join(dep.runtime_dir, "nginx-site.conf")).read()
     assert new.socket_path in site
     assert os.path.exists(new.scoreboard_path) and not os.path.exists(old.scoreboard_path)
+
+
+def test_a_second_try_of_a_failed_generation_reports_its_own_error(tmp_path):
+    """The generation number of a failed switch is tried again with the same
+    slot names, so the same log files: only what the new start wrote counts."""
+    dep, old, new, sup, events, sw = _switch_world(tmp_path, fail=True)
+    with pytest.raises(switch.SwitchFailed, match="ModuleNotFoundError"):
+        sw.run()
+
+    def again():
+        _, new_again = switch.prepare(_dep(tmp_path, workers={"count": 2, "standby": 1,
+                                                              "socket_mode": "0600"}))
+        assert new_again.group == new.group
+        return switch.Switcher(old, new_again, sup, io.StringIO(), host=HOST, ready=sw.ready,
+                               reload_nginx=sw.reload_nginx, nginx_done=sw.nginx_done,
+                               notify=sw.notify, clock=sw.clock, sleep=sw.sleep).run()
+    sup.fail_output = "Traceback...\nOSError: [Errno 98] Address already in use\n"
+    with pytest.raises(switch.SwitchFailed) as info:
+        again()
+    assert "Address already in use" in str(info.value) and "nope" not in str(info.value)
+    sup.fail_output = ""
+    with pytest.raises(switch.SwitchFailed) as info:
+        again()
+    assert str(info.value).endswith("no output in its log"), str(info.value)
 
 
 def test_new_workers_that_wait_as_warm_standbys_are_told_to_accept(tmp_path):

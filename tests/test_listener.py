@@ -55,7 +55,8 @@ class FakeSupervisor:
         self.board: dict[int, SlotRecord] = {}
         self.fail_start: set[str] = set()
         self.within_startsecs: set[str] = set()     # ready workers supervisord calls STARTING
-        self.logs: dict[str, str] = {}
+        self.logs: dict[str, str] = {}      # what a slot writes each time it starts
+        self.written: dict[str, str] = {}   # its log so far
         self.next_pid = 1000
         self.default_rss = 20 * MB
         self.supervisor_state = SupervisorStates.RUNNING
@@ -91,6 +92,8 @@ class FakeSupervisor:
         self.next_pid += 1
         pid = self.next_pid
         p.update(state=PS.STARTING, pid=pid)
+        # logs[name]: what the slot writes when it starts (a failing import's traceback).
+        self.written[name] = self.written.get(name, "") + self.logs.get(name, "")
         self.created[pid] = self.clock()
         self.rss[pid] = self.default_rss
         return True
@@ -125,10 +128,17 @@ class FakeSupervisor:
 
     def readProcessStdoutLog(self, spec, offset, length):
         self.calls.append(("readProcessStdoutLog", spec, offset, length))
-        return self.logs.get(self._name(spec), "")
+        text = self.written.get(self._name(spec), "")
+        return text[offset:] if offset >= 0 or -offset < len(text) else text
+
+    def tailProcessStdoutLog(self, spec, offset, length):
+        text = self.written.get(self._name(spec), "")    # not in calls: a log size only
+        return [text[len(text) - length:] if length else "", len(text), False]
 
     def readProcessStderrLog(self, spec, offset, length):
         raise xmlrpc.client.Fault(Faults.NO_FILE, spec)
+
+    tailProcessStderrLog = readProcessStderrLog
 
     # -- the world moving on ----------------------------------------------
     def step(self):
