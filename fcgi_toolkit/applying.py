@@ -180,12 +180,13 @@ def reload_nginx(dep: Deployment, rpc: Any) -> str:
 
 def apply(dep: Deployment, out: Any = sys.stdout, err: Any = sys.stderr,
           rpc: Optional[Any] = None, new_supervisord: bool = False,
-          output_dir: Optional[str] = None) -> int:
+          output_dir: Optional[str] = None, data: Optional[bytes] = None) -> int:
     """Apply what differs; 0 all applied, 1 something could not be (said on ``err``).
     ``new_supervisord``: a supervisord generation even when nothing changed
     (with ``[[hosts]]`` on the web server: a new supervisord on every host,
-    :mod:`fcgi_toolkit.rollout`, writing nginx's files into ``output_dir``)."""
-    from fcgi_toolkit import control, supervisord
+    :mod:`fcgi_toolkit.rollout`, writing nginx's files into ``output_dir``).
+    ``data``: the bytes ``dep`` was parsed from (default: the file's now)."""
+    from fcgi_toolkit import respawn
     if dep.multi_host and dep.host is None:
         from fcgi_toolkit import rollout     # the web server: every host, one at a time
         return rollout.apply(dep, output_dir, out, err, new_supervisord)
@@ -199,6 +200,21 @@ def apply(dep: Deployment, out: Any = sys.stdout, err: Any = sys.stderr,
     if not todo.applicable and not todo.restart and not new_supervisord:
         print("apply: nothing changed", file=out)
         return 0
+    # A deployment started by run reads applied.toml: these bytes from now on
+    # (new workers, the watchdog's re-read, a new generation), unless nothing applies.
+    before = respawn.pin(dep, settings.read_bytes(dep.path) if data is None else data)
+    if before is not None:
+        dep = respawn.pinned(dep)
+    status, applied_any = _apply(dep, running, wanted, todo, out, err, rpc, new_supervisord)
+    if not applied_any:
+        respawn.unpin(dep, before)
+    return status
+
+
+def _apply(dep: Deployment, running: Mapping[str, Any], wanted: Mapping[str, Any], todo: Plan,
+           out: Any, err: Any, rpc: Optional[Any], new_supervisord: bool) -> tuple[int, bool]:
+    """:func:`apply` once the plan is made: (exit status, whether any key was applied)."""
+    from fcgi_toolkit import control, supervisord
     status = 0
     if todo.restart:
         print("fcgi-toolkit: %s: not applied, stop and run again: %s"
@@ -210,8 +226,9 @@ def apply(dep: Deployment, out: Any = sys.stdout, err: Any = sys.stderr,
               "stop and run again: %s" % (dep.path, ", ".join(switching or ("--new-supervisord",))),
               file=err)
     elif switching or new_supervisord:
-        return status | apply_generation(dep, running, wanted, todo, out, err, rpc,
-                                         new_supervisord=new_supervisord or bool(todo.supervisord))
+        switched, served = apply_generation(dep, running, wanted, todo, out, err, rpc,
+                                            new_supervisord=new_supervisord or bool(todo.supervisord))
+        return status | switched, served
     applied: tuple[str, ...] = ()
     if todo.nginx:
         rpc = rpc or supervisord.front_proxy(dep)      # the managed nginx is the front's
@@ -235,21 +252,21 @@ def apply(dep: Deployment, out: Any = sys.stdout, err: Any = sys.stderr,
             print("apply: %s" % result.get("message", ""), file=out)
             applied += todo.watchdog + todo.count + todo.rolling
     save(dep, after(running, wanted, applied))
-    return status
+    return status, bool(applied)
 
 
 def apply_generation(dep: Deployment, running: Mapping[str, Any], wanted: Mapping[str, Any],
                      todo: Plan, out: Any, err: Any, rpc: Optional[Any],
-                     new_supervisord: bool = False) -> int:
+                     new_supervisord: bool = False) -> tuple[int, bool]:
     """Every applicable key through a generation switch (``new_supervisord``:
-    in a new inner supervisord); 0 done, 1 not (nothing changed)."""
+    in a new inner supervisord): (exit status, whether the new generation serves)."""
     from fcgi_toolkit import supervisord, switch
     what = ", ".join(todo.applicable) or "--new-supervisord"
     try:
         old, new = switch.prepare(dep, new_supervisord=new_supervisord)
     except settings.ConfigError as exc:
         print("fcgi-toolkit: not applied (%s): %s" % (what, exc), file=err)
-        return 1
+        return 1, False
     print("apply: generation %d -> %d%s (%s)" % (
         old.generation_number, new.generation_number,
         " in a new supervisord (%s)" % new.supervisord_program if new_supervisord else "",
@@ -258,19 +275,19 @@ def apply_generation(dep: Deployment, running: Mapping[str, Any], wanted: Mappin
         message = switch.Switcher(old, new, rpc or supervisord.front_proxy(dep), out).run()
     except settings.ConfigError as exc:
         print("fcgi-toolkit: %s" % exc, file=err)
-        return 2
+        return 2, False
     except switch.SwitchFailed as exc:
         print("fcgi-toolkit: not applied, generation %d still serves: %s"
               % (old.generation_number, exc), file=err)
-        return 1
+        return 1, False
     except switch.DrainFailed as exc:
         save(dep, after(running, wanted, todo.applicable))
         print("fcgi-toolkit: generation %d serves, but generation %d did not drain: %s"
               % (new.generation_number, old.generation_number, exc), file=err)
-        return 1
+        return 1, True
     print("apply: %s" % message, file=out)
     save(dep, after(running, wanted, todo.applicable))
-    return 0
+    return 0, True
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -288,5 +305,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Exit status: 0 applied; 1 a key not applied or the watchdog did not
     answer; 2 bad deployment file (nothing changed)."""
-    dep = settings.load(args.config)     # ConfigError: cli prints it, exit 2
-    return apply(dep, new_supervisord=args.new_supervisord, output_dir=args.output)
+    data = settings.read_bytes(args.config)
+    dep = settings.loads(data, args.config)     # ConfigError: cli prints it, exit 2
+    return apply(dep, new_supervisord=args.new_supervisord, output_dir=args.output, data=data)

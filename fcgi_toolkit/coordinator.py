@@ -94,6 +94,7 @@ class Coordinator:
         self.sampler = sampler
         self.clock = clock
         self.deploy_path = dep.path
+        self.source = dep.source        # run's applied.toml: the file as last applied
         # The managed nginx (autostart=false) waits for the first ready worker.
         # An inner supervisord (README "Generations") has no nginx: the front keeps it.
         self.nginx = NginxStart(self, names.nginx_program(dep.name) if (
@@ -137,7 +138,7 @@ class Coordinator:
         otherwise they stay.  Every worker life draws its per-life limits
         again, so a lowered limit recycles at once."""
         from fcgi_toolkit import generations
-        dep = generations.load(self.deploy_path)
+        dep = generations.load(self.deploy_path, source=self.source)
         if dep.group != self.gateway.group:
             self.follow(dep)
         old, self.limits = self.limits, Limits.from_deployment(dep)

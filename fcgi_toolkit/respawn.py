@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+from dataclasses import replace
 from typing import Optional
 
 from fcgi_toolkit import statefile
@@ -51,12 +52,47 @@ def _path(dep: Deployment, name: str) -> str:
     return os.path.join(dep.runtime_dir, name)
 
 
+def applied_path(dep: Deployment) -> str:
+    return _path(dep, APPLIED)
+
+
+def pinned(dep: Deployment) -> Deployment:
+    """``dep`` as ``run`` renders it: its supervised commands read
+    ``applied.toml`` (``--start-from``), not the file, so an edit of the file
+    takes effect only through ``apply`` (or a host's rollout)."""
+    return replace(dep, source=applied_path(dep))
+
+
 def record_start(dep: Deployment, data: bytes) -> None:
     """What ``run`` started from (called once the configs are written)."""
-    tmp = _path(dep, APPLIED) + ".tmp"
+    _write(applied_path(dep), data)
+
+
+def pin(dep: Deployment, data: bytes) -> Optional[bytes]:
+    """``apply``: make ``data`` (the file being applied) what the running
+    deployment's processes read, before anything asks them to; the bytes it
+    replaced (to :func:`unpin` if nothing is applied), or None when the
+    deployment does not read ``applied.toml`` (not started by ``run``)."""
+    try:
+        with open(applied_path(dep), "rb") as f:
+            before = f.read()
+    except FileNotFoundError:
+        return None
+    _write(applied_path(dep), data)
+    return before
+
+
+def unpin(dep: Deployment, before: Optional[bytes]) -> None:
+    """Undo :func:`pin`: nothing was applied."""
+    if before is not None:
+        _write(applied_path(dep), before)
+
+
+def _write(path: str, data: bytes) -> None:
+    tmp = path + ".tmp"
     with open(tmp, "wb") as f:
         f.write(data)
-    os.replace(tmp, _path(dep, APPLIED))
+    os.replace(tmp, path)
 
 
 def load_for_start(path: str, start_from: Optional[str]) -> tuple[Deployment, bytes]:

@@ -56,6 +56,16 @@ def prepare(dep: Deployment, host: Optional[render.Host] = None) -> list[str]:
     return written
 
 
+def prepare_run(dep: Deployment, data: bytes, host: Optional[render.Host] = None) -> Deployment:
+    """:func:`prepare` as ``run`` does it: the processes read ``applied.toml``
+    (the file's ``data`` now, what each ``apply`` makes it later), so an edit
+    of the file takes effect only through ``apply``.  Returns that view."""
+    dep = respawn.pinned(dep)
+    prepare(dep, host)
+    respawn.record_start(dep, data)
+    return dep
+
+
 def supervisord_command(dep: Deployment) -> list[str]:
     return [sys.executable, "-m", "supervisor.supervisord", "-n", "-c", dep.supervisord_conf]
 
@@ -209,8 +219,7 @@ def run_run(args: argparse.Namespace) -> int:
     # What a supervisord killed hard left behind; a foreign holder of an address: exit 2.
     leftovers.clear_for_start(dep)
     host = render.Host.probe(dep)
-    prepare(dep, host)
-    respawn.record_start(dep, data)
+    dep = prepare_run(dep, data, host)
     warning = render.capacity_warning(dep, host)
     if warning:
         print("fcgi-toolkit: warning: %s" % warning, file=sys.stderr)
@@ -288,7 +297,7 @@ def run_demo(args: argparse.Namespace) -> int:
                   "cgi-fcgi -bind -connect %s" % dep.socket_path, file=sys.stderr)
         check_runnable(dep)
         leftovers.clear_for_start(dep)
-        prepare(dep)
+        dep = prepare_run(dep, settings.read_bytes(path))
         return supervise(dep)
     finally:
         if temporary:

@@ -309,7 +309,8 @@ class Cluster:
     def start(self) -> "Cluster":
         from fcgi_toolkit import runner
 
-        runner.prepare(self.dep)
+        with open(self.deploy_path, "rb") as f:
+            runner.prepare_run(self.dep, f.read())     # as run: the processes read applied.toml
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self._out = open(os.path.join(self.log_dir, "supervisord.stdout"), "wb")
         self.proc = subprocess.Popen(
