@@ -2,8 +2,10 @@
 of a multi-host rollout (:mod:`fcgi_toolkit.rollout`).
 
 ``run`` records the exact bytes of the deployment file it started from
-(``<runtime.dir>/applied.toml``) and tells its supervisord it is there to
-start it again (:data:`RUN_ENV` in supervisord's environment).  The web
+(``<runtime.dir>/applied.toml``), which its processes read instead of the
+file (:func:`pinned`; each ``apply`` that applies something writes the
+file's bytes there first, :func:`pin`), and tells its supervisord it is
+there to start it again (:data:`RUN_ENV` in supervisord's environment).  The web
 server, once the host is out of nginx's rotation, calls the host's
 ``fcgi.respawn()`` (:mod:`fcgi_toolkit.rpcinterface`), which
 

@@ -362,8 +362,8 @@ class Deployment:
     #: Hosts nginx's upstream marks ``down`` (a multi-host rollout takes one
     #: host out of rotation at a time: fcgi_toolkit.rollout).
     out_of_rotation: frozenset = frozenset()
-    #: Where the bytes came from when not ``path``: a host that rolled back
-    #: runs its previous file (``previous.toml``) as if it were ``path``
+    #: Where the bytes came from when not ``path``: what ``run`` started
+    #: reads ``<runtime.dir>/applied.toml``, the file as last applied
     #: (fcgi_toolkit.respawn); its supervised commands read the same bytes.
     source: str = ""
 

@@ -104,6 +104,26 @@ def test_a_key_needing_stop_and_run_again_is_reported_not_applied(tmp_path):
     assert applying.load(dep) == before   # still drifting: status keeps saying so
 
 
+def test_what_applies_becomes_what_the_processes_read_and_nothing_else_does(tmp_path):
+    """Started by run, the processes read applied.toml: apply makes it the
+    file's bytes when a key applies, and leaves it when none does."""
+    from fcgi_toolkit import respawn
+    dep = _dep(tmp_path)
+    render.render(dep)
+    applying.save(dep, applying.values(dep))
+    respawn.record_start(dep, b"# the bytes run started from\n")
+    dep = _dep(tmp_path, metrics={"listen": "127.0.0.1:9998"})        # stop and run again
+    assert applying.apply(dep, io.StringIO(), io.StringIO()) == 1
+    assert open(respawn.applied_path(dep), "rb").read() == b"# the bytes run started from\n"
+
+    class RPC:
+        def signalProcess(self, name, sig):
+            pass
+    dep = _dep(tmp_path, nginx={"read_timeout": "7s"})                # nginx: applies
+    assert applying.apply(dep, io.StringIO(), io.StringIO(), rpc=RPC()) == 0
+    assert open(respawn.applied_path(dep), "rb").read() == open(dep.path, "rb").read()
+
+
 def test_nginx_keys_rerender_nginx_files_and_hup_the_managed_nginx(tmp_path):
     dep = _dep(tmp_path)
     render.render(dep)

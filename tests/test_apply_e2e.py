@@ -99,6 +99,30 @@ def test_watched_deployment_file_is_applied_when_it_changes_zero_failures(cluste
     assert c.ready_workers() and _running_max_requests(c) == 40
 
 
+def test_an_edit_reaches_a_restarted_worker_only_through_apply(cluster):
+    """The processes read the file as last applied (<runtime.dir>/applied.toml):
+    a worker that restarts on its own after an edit still runs what was applied."""
+    c = cluster("core_app:application", name="pin", recycle=dict(FAST),
+                workers={"count": 2, "standby": 0}, app={"environment": {"RELEASE": "1"}})
+
+    def releases() -> set:
+        return {json.loads(c.get("/osenv?k=RELEASE").text)["RELEASE"] for _ in range(10)}
+    assert releases() == {"1"}
+    c.edit(app={"environment": {"RELEASE": "2"}})
+    before = c.wait_ready(2)
+    for pid in before.values():
+        os.kill(pid, signal.SIGKILL)             # supervisord starts them again (autorestart)
+    wait_for(lambda: len(set(c.ready_workers().values()) - set(before.values())) == 2, 60,
+             "both workers back")
+    assert releases() == {"1"}
+    assert c.status_json()["drift"] == ["app.environment"]
+    r = c.toolkit("apply", "-c", c.deploy_path, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    wait_for(lambda: releases() == {"2"}, 60, "the applied environment")
+    with open(os.path.join(c.runtime_dir, "applied.toml"), encoding="utf-8") as f:
+        assert f.read() == open(c.deploy_path, encoding="utf-8").read()
+
+
 def _running_max_requests(c):
     with open(os.path.join(c.runtime_dir, "applied.json"), encoding="utf-8") as f:
         return json.load(f)["limits.max_requests"]

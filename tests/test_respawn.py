@@ -166,3 +166,18 @@ def test_respawn_refuses_and_changes_nothing(tmp_path, monkeypatch, case):
             "single host": "a new supervisord is for a host"}[case] in info.value.text
     assert shutdown.calls == 0
     assert not os.path.exists(os.path.join(dep.runtime_dir, respawn.REQUEST))
+
+
+def test_apply_pins_the_bytes_it_applies_and_can_take_them_back(tmp_path):
+    path = write(tmp_path)
+    dep = settings.load(path)
+    os.makedirs(dep.runtime_dir)
+    assert respawn.pin(dep, b"new") is None          # not started by run: nothing read there
+    assert not os.path.exists(respawn.applied_path(dep))
+    dep = started(tmp_path)
+    old = open(respawn.applied_path(dep), "rb").read()
+    assert respawn.pin(dep, b"new bytes") == old
+    assert open(respawn.applied_path(dep), "rb").read() == b"new bytes"
+    respawn.unpin(dep, old)
+    assert open(respawn.applied_path(dep), "rb").read() == old
+    assert respawn.pinned(dep).source == respawn.applied_path(dep)
