@@ -187,7 +187,7 @@ def test_ci_runs_the_readme_test_command():
 def test_readme_is_valid_restructuredtext():
     docutils_core = pytest.importorskip("docutils.core")
     with open(os.path.join(REPO, "README.rst"), encoding="utf-8") as f:
-        docutils_core.publish_string(f.read(), writer_name="null",
+        docutils_core.publish_string(f.read(), writer="null",
                                      settings_overrides={"report_level": 2, "halt_level": 2})
 
 

@@ -570,7 +570,7 @@ def _stop_the_keepalive_holder(c, port: int) -> tuple:
 # Throughput (measured, not asserted): our worker vs bare flup6
 # --------------------------------------------------------------------------
 
-WORKER_COMMAND = "{{ python }} -m fcgi_toolkit worker -c {{ deploy_path }} --slot %(process_num)d"
+WORKER_COMMAND = "{{ python }} -m fcgi_toolkit worker -c {{ deploy_path }}{{ start_from }} --slot %(process_num)d"
 
 
 def _wrk(url: str, seconds: int = 3) -> tuple[float, int, str]:
