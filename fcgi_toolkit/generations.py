@@ -265,10 +265,7 @@ def read_switch(runtime_dir: str) -> Optional[SwitchState]:
 
 
 def end_switch(runtime_dir: str) -> None:
-    try:
-        os.unlink(switch_path(runtime_dir))
-    except FileNotFoundError:
-        pass
+    statefile.remove(switch_path(runtime_dir))
 
 
 def reset(dep: Deployment) -> None:

@@ -26,11 +26,10 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 from dataclasses import replace
 from typing import Optional
 
-from fcgi_toolkit import statefile
+from fcgi_toolkit import settings, statefile
 from fcgi_toolkit.settings import Deployment
 
 #: Set by ``run`` in its supervisord's environment: a run waits to start it again.
@@ -67,7 +66,7 @@ def pinned(dep: Deployment) -> Deployment:
 
 def record_start(dep: Deployment, data: bytes) -> None:
     """What ``run`` started from (called once the configs are written)."""
-    _write(applied_path(dep), data)
+    statefile.write_bytes_atomic(applied_path(dep), data)
 
 
 def pin(dep: Deployment, data: bytes) -> Optional[bytes]:
@@ -80,21 +79,14 @@ def pin(dep: Deployment, data: bytes) -> Optional[bytes]:
             before = f.read()
     except FileNotFoundError:
         return None
-    _write(applied_path(dep), data)
+    statefile.write_bytes_atomic(applied_path(dep), data)
     return before
 
 
 def unpin(dep: Deployment, before: Optional[bytes]) -> None:
     """Undo :func:`pin`: nothing was applied."""
     if before is not None:
-        _write(applied_path(dep), before)
-
-
-def _write(path: str, data: bytes) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+        statefile.write_bytes_atomic(applied_path(dep), before)
 
 
 def load_for_start(path: str, start_from: Optional[str]) -> tuple[Deployment, bytes]:
@@ -102,7 +94,6 @@ def load_for_start(path: str, start_from: Optional[str]) -> tuple[Deployment, by
     ``start_from``'s bytes read as if they were that file (a rollback: paths
     in it resolve against the file's directory, as before, and the rendered
     supervised commands read the same bytes)."""
-    from fcgi_toolkit import settings
     data = settings.read_bytes(start_from or path)
     return settings.loads(data, path, source=start_from or ""), data
 
@@ -124,8 +115,8 @@ def request(dep: Deployment, previous: bool) -> None:
         if not os.path.exists(applied):
             raise ValueError("%s: missing: this supervisord was not started by fcgi-toolkit run"
                              % applied)
-        shutil.copyfile(applied, kept + ".tmp")
-        os.replace(kept + ".tmp", kept)
+        with open(applied, "rb") as f:
+            statefile.write_bytes_atomic(kept, f.read())
     statefile.write_json_atomic(_path(dep, REQUEST), {"start_from": kept if previous else ""})
 
 
@@ -141,7 +132,4 @@ def take(dep: Deployment) -> Optional[str]:
 
 def discard(dep: Deployment) -> None:
     """Forget a request (the operator stopped the host meanwhile)."""
-    try:
-        os.unlink(_path(dep, REQUEST))
-    except FileNotFoundError:
-        pass
+    statefile.remove(_path(dep, REQUEST))

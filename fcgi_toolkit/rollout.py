@@ -37,7 +37,7 @@ from xml.parsers.expat import ExpatError
 
 from fcgi_toolkit import applying, rollout_plan, statefile
 from fcgi_toolkit.names import format_duration
-from fcgi_toolkit.rollout_plan import Phase, Rollout
+from fcgi_toolkit.rollout_plan import Phase
 from fcgi_toolkit.settings import Deployment, HostSpec
 
 #: What status on the web server shows while a rollout is under way.
@@ -125,7 +125,7 @@ class Roller:
         except _UNREACHABLE + (ValueError,):
             return None
 
-    def _preflight(self, spec: HostSpec, need_respawn: bool) -> tuple[dict, dict]:
+    def _preflight(self, spec: HostSpec) -> tuple[dict, dict]:
         """(the host's applied snapshot, its status); HostRefused with why."""
         from fcgi_toolkit.rpcinterface import decode_status
         from fcgi_toolkit.status_hosts import control_url, unreachable_reason
@@ -158,7 +158,7 @@ class Roller:
         if not isinstance(info.get("values"), dict):
             raise HostRefused("host %s: no applied deployment: was it started by fcgi-toolkit "
                               "run?" % spec.name)
-        if need_respawn and not info.get("respawn"):
+        if not info.get("respawn"):
             raise HostRefused("host %s: its supervisord was not started by fcgi-toolkit run, "
                               "so nothing would start it again" % spec.name)
         return info["values"], decode_status(status)
@@ -202,7 +202,7 @@ class Roller:
         problems = []
         for spec in self.dep.hosts:
             try:
-                self.running[spec.name], statuses[spec.name] = self._preflight(spec, True)
+                self.running[spec.name], statuses[spec.name] = self._preflight(spec)
             except HostRefused as exc:
                 problems.append(str(exc))
         if problems:
@@ -241,10 +241,7 @@ class Roller:
             return self.refuse("nginx: %s; the rollout stopped at %s (done: %s)" % (
                 exc, where, ", ".join(self.done) or "none"))
         finally:
-            try:
-                os.unlink(state_path(self.dep))
-            except FileNotFoundError:
-                pass
+            statefile.remove(state_path(self.dep))
         if not todo.hosts and not todo.nginx:
             self.say("nothing changed")
         elif todo.hosts:
@@ -322,14 +319,16 @@ class Roller:
                            "in rotation; hosts after it untouched%s" % (name, why, name, done))
 
 
-def nginx_reloader(output_dir: str, out: Any) -> Callable[[Deployment, bool], bool]:
+def nginx_reloader(dep: Deployment, output_dir: str,
+                   out: Any) -> Callable[[Deployment, bool], bool]:
     """Write the web server's files into ``output_dir`` and reload the
     system nginx gracefully when they changed; with ``drain`` wait for the
-    old nginx workers to finish.  Whether nginx was reloaded."""
+    old nginx workers to finish.  Whether nginx was reloaded.  The views
+    differ from ``dep`` in their hosts only: the machine is probed once."""
     from fcgi_toolkit import nginxctl, render
+    host = render.Host.probe(dep)
 
     def reload(view: Deployment, drain: bool) -> bool:
-        host = render.Host.probe(view)
         files = render.web_server_files(view, host, output_dir)
         if all(_reads(os.path.join(output_dir, n)) == text for n, text in files.items()):
             return False
@@ -378,7 +377,7 @@ def apply(dep: Deployment, output_dir: Optional[str] = None, out: Any = sys.stdo
     from fcgi_toolkit.status_hosts import require_host_control
     require_host_control(dep)
     roller = Roller(dep, out, err, default_connect(dep),
-                    nginx_reloader(os.path.abspath(output_dir or dep.runtime_dir), out))
+                    nginx_reloader(dep, os.path.abspath(output_dir or dep.runtime_dir), out))
     return roller.run(everyone=new_supervisord)
 
 

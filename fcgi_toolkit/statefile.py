@@ -51,10 +51,14 @@ RESULT_SUFFIX = ".result.json"
 
 def write_json_atomic(path: str, data: Any) -> None:
     """Write ``data`` as JSON to ``path`` via a temporary file and a rename."""
+    write_bytes_atomic(path, (json.dumps(data, indent=1, sort_keys=True) + "\n").encode("utf-8"))
+
+
+def write_bytes_atomic(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file and a rename."""
     tmp = "%s.tmp.%d" % (path, os.getpid())
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-        f.write("\n")
+    with open(tmp, "wb") as f:
+        f.write(data)
     os.replace(tmp, path)
 
 
@@ -281,7 +285,7 @@ def pending(runtime_dir: str) -> list[tuple[str, Optional[dict]]]:
         request_id = fname[:-len(REQUEST_SUFFIX)]
         if os.path.exists(os.path.join(directory, request_id + RESULT_SUFFIX)):
             # Answered before a listener restart; the request file was left behind.
-            _remove(os.path.join(directory, fname))
+            remove(os.path.join(directory, fname))
             continue
         data = read_json(os.path.join(directory, fname))
         out.append((request_id, data if isinstance(data, dict) else None))
@@ -293,7 +297,7 @@ def answer(runtime_dir: str, request_id: str, ok: bool, message: str) -> None:
     directory = requests_dir(runtime_dir)
     write_json_atomic(os.path.join(directory, request_id + RESULT_SUFFIX),
                       {"ok": bool(ok), "message": message})
-    _remove(os.path.join(directory, request_id + REQUEST_SUFFIX))
+    remove(os.path.join(directory, request_id + REQUEST_SUFFIX))
 
 
 def result(runtime_dir: str, request_id: str) -> Optional[dict]:
@@ -305,10 +309,11 @@ def forget(runtime_dir: str, request_id: str) -> None:
     """Remove a request and its result (the CLI, after reading the result or giving up)."""
     directory = requests_dir(runtime_dir)
     for suffix in (REQUEST_SUFFIX, RESULT_SUFFIX):
-        _remove(os.path.join(directory, request_id + suffix))
+        remove(os.path.join(directory, request_id + suffix))
 
 
-def _remove(path: str) -> None:
+def remove(path: str) -> None:
+    """Remove ``path``; one that is already gone is fine."""
     try:
         os.remove(path)
     except FileNotFoundError:

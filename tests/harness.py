@@ -128,6 +128,37 @@ def venv_with_this_env(env_dir: str, before_pth: Callable[[str], None] = lambda 
     return python
 
 
+def kill_all(processes: Iterable["psutil.Process"], timeout: float) -> None:
+    """SIGKILL every process still running (a reused pid is left alone), then reap them."""
+    processes = list(processes)
+    for p in processes:
+        try:
+            if p.is_running():
+                p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(processes, timeout=timeout)
+
+
+def log_tails(log_dir: str, tail: int) -> str:
+    """The last ``tail`` lines of every file under ``log_dir``, for failure messages."""
+    parts = []
+    for root, _, files in os.walk(log_dir):
+        for filename in sorted(files):
+            path = os.path.join(root, filename)
+            with open(path, errors="replace") as f:
+                lines = f.read().splitlines()[-tail:]
+            parts.append("----- %s -----\n%s" % (os.path.relpath(path, log_dir), "\n".join(lines)))
+    return "\n".join(parts)
+
+
+def print_logs_if_failed(request: Any, title: str, logs: Callable[[], str]) -> None:
+    """In a fixture's teardown: print ``logs()`` when the test's call failed."""
+    rep = getattr(request.node, "rep_call", None)
+    if rep is not None and rep.failed:
+        print("\n===== %s =====\n%s" % (title, logs()))
+
+
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
     """Poll ``predicate`` until it returns a true value; raise TimeoutError naming ``what``."""
     deadline = time.monotonic() + timeout
@@ -429,13 +460,7 @@ class Cluster:
                         self._remember()
                         self.proc.kill()
                         self.proc.wait(10)
-                for p in self._known.values():
-                    try:
-                        if p.is_running():  # also guards against a reused pid
-                            p.kill()
-                    except psutil.Error:
-                        pass
-                psutil.wait_procs(list(self._known.values()), timeout=5)
+                kill_all(self._known.values(), timeout=5)
         finally:
             if getattr(self, "_out", None):
                 self._out.close()

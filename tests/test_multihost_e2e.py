@@ -34,7 +34,8 @@ import pytest
 
 import fcgiclient
 from conftest import requires_nginx
-from harness import APPS_DIR, LoadGenerator, free_port, http_request, port_open, wait_for
+from harness import (APPS_DIR, LoadGenerator, free_port, http_request, kill_all, log_tails,
+                     port_open, print_logs_if_failed, wait_for)
 from fcgi_toolkit import status as status_mod
 from fcgi_toolkit import render, runner, scoreboard, settings
 from supervisor.states import ProcessStates
@@ -147,13 +148,7 @@ class HostSupervisor:
         if self.proc is None:
             return
         self._remember()
-        for p in self._known.values():
-            try:
-                if p.is_running():
-                    p.kill()
-            except psutil.Error:
-                pass
-        psutil.wait_procs(list(self._known.values()), timeout=10)
+        kill_all(self._known.values(), timeout=10)
         try:
             self.proc.wait(10)
         except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL was sent
@@ -236,14 +231,7 @@ class MultiHost:
         wait_for(lambda: self.get_pid() in pids, timeout, "host %s back in rotation" % name, interval=0.05)
 
     def diagnostics(self) -> str:
-        parts = []
-        for root, _, files in os.walk(self.log_dir):
-            for filename in sorted(files):
-                path = os.path.join(root, filename)
-                with open(path, errors="replace") as f:
-                    tail = f.read().splitlines()[-30:]
-                parts.append("----- %s -----\n%s" % (os.path.relpath(path, self.log_dir), "\n".join(tail)))
-        return "\n".join(parts)
+        return log_tails(self.log_dir, 30)
 
 
 def _free(ip: str, port: int) -> bool:
@@ -266,9 +254,7 @@ def mh(tmp_path_factory):
 @pytest.fixture
 def diagnose(mh, request):
     yield
-    rep = getattr(request.node, "rep_call", None)
-    if rep is not None and rep.failed:
-        print("\n===== multi-host logs =====\n%s" % mh.diagnostics())
+    print_logs_if_failed(request, "multi-host logs", mh.diagnostics)
 
 
 def connect_from(source_ip: str, address: tuple, timeout: float = 10.0) -> fcgiclient.FastCGIConnection:

@@ -26,7 +26,8 @@ import psutil
 import pytest
 
 from conftest import requires_nginx
-from harness import APPS_DIR, LoadGenerator, free_port, http_request, port_open, wait_for
+from harness import (APPS_DIR, LoadGenerator, free_port, http_request, kill_all, log_tails,
+                     port_open, print_logs_if_failed, wait_for)
 from fcgi_toolkit import render, settings, supervisord
 
 pytestmark = [pytest.mark.integration, requires_nginx]
@@ -108,12 +109,7 @@ class RunHost:
                 self.proc.wait(40)
             except subprocess.TimeoutExpired:
                 pass
-        for p in known:
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
-        psutil.wait_procs(known, timeout=10)
+        kill_all(known, timeout=10)
         self._out.close()
         self.proc = None
 
@@ -226,14 +222,7 @@ class Cluster:
         return by_host
 
     def diagnostics(self) -> str:
-        parts = []
-        for root, _, files in os.walk(self.log_dir):
-            for filename in sorted(files):
-                path = os.path.join(root, filename)
-                with open(path, errors="replace") as f:
-                    tail = f.read().splitlines()[-25:]
-                parts.append("----- %s -----\n%s" % (os.path.relpath(path, self.log_dir), "\n".join(tail)))
-        return "\n".join(parts)
+        return log_tails(self.log_dir, 25)
 
 
 @pytest.fixture(scope="module")
@@ -247,9 +236,7 @@ def cluster(tmp_path_factory):
 @pytest.fixture
 def diagnose(cluster, request):
     yield
-    rep = getattr(request.node, "rep_call", None)
-    if rep is not None and rep.failed:
-        print("\n===== rollout logs =====\n%s" % cluster.diagnostics())
+    print_logs_if_failed(request, "rollout logs", cluster.diagnostics)
 
 
 def _rotation_lines(stdout: str) -> list:
